@@ -1,0 +1,1 @@
+"""Simulated federations on one machine (`fedsim`)."""

@@ -1,0 +1,82 @@
+"""The `fedsim` TOML config: every field has a default, so `strategy = "ffa_lora"` alone is valid."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, model_validator
+
+from strategies.api import StrategyConfig
+from strategies.registry import UnknownStrategy, get_strategy
+from tasks.config import DataConfig, ModelConfig, TaskConfig, resolve_path
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and each bad field."""
+
+
+class SimulationConfig(TaskConfig):
+    strategy: str = Field("fedavg_lora", description="Registered strategy name.")
+    options: dict[str, Any] = Field(default_factory=dict, description="The strategy's own config.")
+    rounds: int = Field(10, ge=1)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _strategy_options(self) -> "SimulationConfig":
+        self.strategy_config()
+        return self
+
+    def strategy_config(self) -> StrategyConfig:
+        """The options validated by the strategy's own model; errors are reported as options.<field>."""
+        try:
+            definition = get_strategy(self.strategy)
+        except UnknownStrategy as error:
+            raise ValueError(str(error)) from error
+        try:
+            return definition.parse_config(self.options)
+        except ValidationError as error:
+            details = "; ".join(
+                f"options.{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors()
+            )
+            raise ValueError(details) from error
+
+
+def format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"  {location}: {message}" if location else f"  {message}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> SimulationConfig:
+    """Read and validate a TOML config (or the defaults when `path` is None)."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as error:
+            raise ConfigError(f"{source}: no such file") from error
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{source}: not valid TOML: {error}") from error
+    raw.update(overrides or {})
+    try:
+        config = SimulationConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: invalid config\n{format_validation_error(error)}") from error
+    return _resolve_paths(config, Path(path).resolve().parent if path else None)
+
+
+def _resolve_paths(config: SimulationConfig, base_dir: Path | None) -> SimulationConfig:
+    """Relative data and model paths are relative to the config file, as users expect."""
+    data: DataConfig = config.data.model_copy(update={
+        "train": resolve_path(config.data.train, base_dir),
+        "eval": resolve_path(config.data.eval, base_dir) if config.data.eval else None,
+    })
+    model: ModelConfig = config.model.model_copy(update={"path": resolve_path(config.model.path, base_dir)})
+    return config.model_copy(update={"data": data, "model": model})

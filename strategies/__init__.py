@@ -1,0 +1,21 @@
+"""Aggregation strategies: each module holds both halves of one algorithm. See `strategies.api`."""
+
+from strategies.api import (
+    ClientStrategy,
+    ClientUpdate,
+    Instruction,
+    InvalidUpdate,
+    RunContext,
+    ServerStrategy,
+    StrategyConfig,
+    StrategyDefinition,
+    TensorSpec,
+    Workspace,
+)
+from strategies.registry import available_strategies, get_strategy, register
+
+__all__ = [
+    "ClientStrategy", "ClientUpdate", "Instruction", "InvalidUpdate", "RunContext", "ServerStrategy",
+    "StrategyConfig", "StrategyDefinition", "TensorSpec", "Workspace", "available_strategies",
+    "get_strategy", "register",
+]

@@ -1,0 +1,254 @@
+"""The strategy plug-in API: typed messages, the server half, the client half and the definition.
+
+A strategy is one module holding both halves of an algorithm. The server half decides which
+clients a round uses and what each is told, checks each reply and aggregates them into the new
+global state; the client half turns the global state, an instruction and local data into the
+update that goes on the wire. How messages travel (in-process in `fedsim`, gRPC in
+`fedserver`/`fedclient`) is not the strategy's business.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from tasks.config import TrainConfig
+from tasks.data import TokenDataset
+from tasks.models import ModelBundle
+
+TensorMap = dict[str, torch.Tensor]
+Setting = bool | int | float | str
+
+
+class InvalidUpdate(ValueError):
+    """A client's reply was rejected; the message names the client, the tensor or field, and why."""
+
+
+class InvalidInstruction(ValueError):
+    """An instruction this client cannot act on; the message names the field and why."""
+
+
+class Message(BaseModel):
+    """Base of the messages that cross the server/client boundary."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True, extra="forbid")
+
+    @field_validator("tensors", mode="after", check_fields=False)
+    @classmethod
+    def _tensors_are_dense(cls, tensors: TensorMap) -> TensorMap:
+        for name, tensor in tensors.items():
+            if not isinstance(tensor, torch.Tensor) or tensor.is_sparse:
+                raise ValueError(f"tensor {name!r} is not a dense torch.Tensor")
+        return tensors
+
+
+class Instruction(Message):
+    """What the server tells one client for one round."""
+
+    round: int = Field(ge=0)
+    tensors: TensorMap = Field(default_factory=dict, description="Global state the client needs.")
+    settings: dict[str, Setting] = Field(default_factory=dict, description="Typed per-round scalars.")
+
+
+class ClientUpdate(Message):
+    """What one client sends back after local work."""
+
+    client_id: str = Field(min_length=1)
+    round: int = Field(ge=0)
+    num_examples: int = Field(ge=1, description="Local training examples; the aggregation weight.")
+    tensors: TensorMap = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict, description="e.g. train_loss.")
+
+
+class TensorSpec(BaseModel):
+    """Expected shape and dtype of a tensor on the wire; `None` in a shape means any length."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    shape: tuple[int | None, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def like(cls, tensor: torch.Tensor) -> "TensorSpec":
+        return cls(shape=tuple(tensor.shape), dtype=tensor.dtype)
+
+
+def check_tensors(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, TensorSpec], origin: str) -> None:
+    """Reject missing, unexpected, mis-shaped, mis-typed or non-finite tensors, naming the tensor."""
+    missing = sorted(set(specs) - set(tensors))
+    if missing:
+        raise InvalidUpdate(f"{origin}: missing tensor(s) {missing}")
+    unexpected = sorted(set(tensors) - set(specs))
+    if unexpected:
+        raise InvalidUpdate(f"{origin}: unexpected tensor(s) {unexpected}")
+    for name, spec in specs.items():
+        tensor = tensors[name]
+        if tensor.dtype != spec.dtype:
+            raise InvalidUpdate(f"{origin}: tensor {name!r} has dtype {tensor.dtype}, expected {spec.dtype}")
+        shape_ok = len(tensor.shape) == len(spec.shape) and all(
+            want is None or want == got for want, got in zip(spec.shape, tensor.shape)
+        )
+        if not shape_ok:
+            raise InvalidUpdate(
+                f"{origin}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {spec.shape}"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InvalidUpdate(f"{origin}: tensor {name!r} holds NaN or Inf")
+
+
+class StrategyConfig(BaseModel):
+    """Fields every strategy understands; a strategy's own config subclasses this."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    clients_per_round: int | None = Field(None, ge=1, description="Clients sampled per round; None = all.")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Run-wide facts both halves may need."""
+
+    seed: int
+    rounds: int
+    train: TrainConfig
+    model_kind: str
+
+
+class Workspace(Protocol):
+    """The model a strategy trains and evaluates, built once per process from the frozen base."""
+
+    model: nn.Module
+
+    def save(self, directory: Path) -> None:
+        """Write the current (global) model in the format users load (e.g. PEFT)."""
+
+
+C = TypeVar("C", bound=StrategyConfig)
+
+
+def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Weighted mean accumulated in float64 in the given order, returned in the inputs' dtype.
+
+    Summing in a canonical order makes the result independent of arrival order; float64 makes
+    the mean of identical tensors exactly that tensor.
+    """
+    total = float(sum(weights))
+    if not tensors or total <= 0:
+        raise ValueError("weighted_mean needs at least one tensor and a positive total weight")
+    accumulator = torch.zeros(tensors[0].shape, dtype=torch.float64)
+    for tensor, weight in zip(tensors, weights):
+        accumulator += tensor.to(torch.float64) * (weight / total)
+    return accumulator.to(tensors[0].dtype)
+
+
+class ServerStrategy(ABC, Generic[C]):
+    """The server half: sampling, instructions, checking and aggregating replies, resumable state."""
+
+    def __init__(self, config: C, context: RunContext):
+        self.config = config
+        self.context = context
+
+    @abstractmethod
+    def initialize(self, workspace: Workspace) -> None:
+        """Take the initial global state from the freshly built workspace."""
+
+    def sample_clients(self, round: int, available: Sequence[str]) -> list[str]:
+        """Uniform sampling without replacement, seeded by (run seed, round); sorted ids."""
+        ordered = sorted(available)
+        wanted = self.config.clients_per_round
+        if wanted is None or wanted >= len(ordered):
+            return ordered
+        return sorted(random.Random(f"{self.context.seed}:{round}").sample(ordered, wanted))
+
+    @abstractmethod
+    def instruction(self, round: int, client_id: str) -> Instruction:
+        """What `client_id` is told for `round`."""
+
+    @abstractmethod
+    def update_specs(self) -> dict[str, TensorSpec]:
+        """The tensors a valid reply carries."""
+
+    def validate_update(self, update: ClientUpdate, round: int) -> None:
+        """Raise InvalidUpdate naming what is wrong; the caller drops that reply and goes on."""
+        origin = f"update from {update.client_id!r}"
+        if update.round != round:
+            raise InvalidUpdate(f"{origin}: round {update.round} is not the current round {round}")
+        check_tensors(update.tensors, self.update_specs(), origin)
+        for name, value in update.metrics.items():
+            if not math.isfinite(value):
+                raise InvalidUpdate(f"{origin}: metric {name!r} is not finite")
+
+    @abstractmethod
+    def aggregate(self, round: int, updates: Sequence[ClientUpdate]) -> None:
+        """Fold validated replies (sorted by client id) into the global state."""
+
+    @abstractmethod
+    def load_global_into(self, workspace: Workspace) -> None:
+        """Write the global state into the workspace model, for evaluation and saving."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        del state
+
+
+class ClientStrategy(ABC, Generic[C]):
+    """The client half: local work on private data; state that must persist lives here."""
+
+    def __init__(self, config: C, context: RunContext, client_id: str):
+        self.config = config
+        self.context = context
+        self.client_id = client_id
+
+    @abstractmethod
+    def fit(self, workspace: Workspace, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
+        """Train locally from the instruction's global state and return the update to send."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        del state
+
+    def batch_generator(self, round: int) -> torch.Generator:
+        """Seeded per (run, client, round) so that data order is reproducible anywhere."""
+        return torch.Generator().manual_seed(hash_seed(self.context.seed, self.client_id, round))
+
+    @contextmanager
+    def seeded(self, round: int) -> Iterator[None]:
+        """Seed torch's global RNG (dropout) per (run, client, round), restoring it afterwards,
+        so a client's round gives the same result in fedsim and over gRPC."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash_seed(self.context.seed, self.client_id, round, "torch"))
+            yield
+
+
+def hash_seed(*parts: object) -> int:
+    """A stable 63-bit seed from any parts (Python's hash() is salted per process)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+@dataclass(frozen=True)
+class StrategyDefinition:
+    """A registry entry: the config model, both halves and how to build the workspace."""
+
+    name: str
+    config: type[StrategyConfig]
+    server: type[ServerStrategy]
+    client: type[ClientStrategy]
+    build_workspace: Callable[[ModelBundle, Any, RunContext], Workspace]
+    summary: str = ""
+
+    def parse_config(self, options: Mapping[str, Any]) -> StrategyConfig:
+        return self.config.model_validate(dict(options))

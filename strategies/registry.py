@@ -1,0 +1,53 @@
+"""Strategies by name: the built-in ones, plus any package's through the `fedtune.strategies` entry points.
+
+A plug-in package declares, in its own pyproject.toml:
+
+    [project.entry-points."fedtune.strategies"]
+    my_strategy = "my_package.my_module:DEFINITION"
+
+where DEFINITION is a `strategies.api.StrategyDefinition`. Nothing in this repo changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+from strategies.api import StrategyDefinition
+
+ENTRY_POINT_GROUP = "fedtune.strategies"
+BUILTIN_MODULES = {
+    "fedavg_lora": "strategies.fedavg_lora",
+    "ffa_lora": "strategies.ffa_lora",
+}
+_registered: dict[str, StrategyDefinition] = {}
+
+
+class UnknownStrategy(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def register(definition: StrategyDefinition) -> StrategyDefinition:
+    """Called by each strategy module at import; re-registering the same name replaces it."""
+    _registered[definition.name] = definition
+    return definition
+
+
+def get_strategy(name: str) -> StrategyDefinition:
+    if name in _registered:
+        return _registered[name]
+    if name in BUILTIN_MODULES:
+        importlib.import_module(BUILTIN_MODULES[name])
+        return _registered[name]
+    for entry in entry_points(group=ENTRY_POINT_GROUP, name=name):
+        definition = entry.load()
+        if not isinstance(definition, StrategyDefinition):
+            raise TypeError(f"entry point {entry.value!r} is not a StrategyDefinition")
+        return register(definition)
+    raise UnknownStrategy(f"strategy: unknown name {name!r}; available: {available_strategies()}")
+
+
+def available_strategies() -> list[str]:
+    plugins = {entry.name for entry in entry_points(group=ENTRY_POINT_GROUP)}
+    return sorted(set(BUILTIN_MODULES) | set(_registered) | plugins)

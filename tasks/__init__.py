@@ -1,0 +1,5 @@
+"""The task layer: models, tokenisation, data, partitioning and evaluation.
+
+Strategies, the server, the client and the simulator all import this package; it imports none of
+them, so there are no cycles.
+"""

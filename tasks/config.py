@@ -1,0 +1,87 @@
+"""Pydantic models for the task half of a run's configuration (model, data, partition, training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class StrictModel(BaseModel):
+    """A config model that rejects unknown fields, so a misspelt key is an error that names it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+ModelKind = Literal["causal_lm", "seq_cls"]
+
+
+class ModelConfig(StrictModel):
+    """Which base model to fine-tune: a local directory with transformers weights, or the built-in tiny model."""
+
+    path: str = Field("builtin:tiny-llama", description="Local model directory, or 'builtin:tiny-llama'.")
+    kind: ModelKind = Field("causal_lm", description="causal_lm (generation) or seq_cls (classification).")
+    num_labels: int = Field(2, ge=2, description="Number of classes for seq_cls models.")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `path`, for GGUF checkpoints.")
+    max_length: int = Field(64, ge=8, le=4096, description="Token budget per example (truncation).")
+
+
+class DataConfig(StrictModel):
+    """Where examples come from and which fields hold the text."""
+
+    train: str = Field("builtin:ops", description="Training file (jsonl/json/csv/tsv) or 'builtin:ops'.")
+    eval: str | None = Field(None, description="Evaluation file; default: a held-out slice of `train`.")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Held-out share when `eval` is not given.")
+    max_eval_examples: int = Field(512, ge=1, description="Cap on evaluation examples per evaluation.")
+    max_train_examples: int | None = Field(None, ge=1, description="Cap on training examples read.")
+    text_field: str = Field("sentence", description="seq_cls: the input text field.")
+    label_field: str = Field("label", description="seq_cls: the integer label field.")
+    prompt_fields: tuple[str, ...] = Field(
+        ("instruction", "context"), description="causal_lm: fields joined into the prompt."
+    )
+    response_field: str = Field("response", description="causal_lm: the target field.")
+
+
+class PartitionConfig(StrictModel):
+    """How training examples are split over virtual clients."""
+
+    scheme: Literal["natural", "iid", "dirichlet"] = "natural"
+    num_clients: int = Field(4, ge=1, description="Clients for iid/dirichlet; natural uses one per field value.")
+    field: str = Field("category", description="Field that natural/dirichlet split on (label or category).")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; smaller is more skewed.")
+    min_examples: int = Field(1, ge=1, description="Every client gets at least this many examples.")
+
+
+class TrainConfig(StrictModel):
+    """Local training hyperparameters shared by the gradient-based strategies."""
+
+    local_steps: int = Field(10, ge=1, description="Optimizer steps per client per round.")
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    eval_batch_size: int = Field(64, ge=1)
+
+
+def resolve_path(value: str, base_dir: Path | None) -> str:
+    """Resolve a relative file path against the config file's folder; leave builtin: names alone."""
+    if value.startswith("builtin:") or base_dir is None:
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+
+class TaskConfig(StrictModel):
+    """Everything the task layer needs: model, data, partition and local training."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _builtin_pairs(self) -> "TaskConfig":
+        if self.model.path.startswith("builtin:") and self.model.kind != "causal_lm":
+            raise ValueError("model.kind: the built-in tiny model is a causal_lm")
+        return self
