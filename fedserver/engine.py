@@ -118,6 +118,7 @@ class RoundEngine:
             bytes_down=state.bytes_down,
             rejected=len(state.rejected),
             seconds=round(time.perf_counter() - state.started, 3),
+            **self.strategy.round_metrics(),
         )
         self.metrics.append(metrics)
         self.current = None

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import Field, ValidationError, model_validator
 
 from strategies.api import StrategyConfig
-from strategies.registry import UnknownStrategy, get_strategy
+from strategies.registry import WRAPPER_MODULES, UnknownStrategy, get_strategy, wrapper_config
 from tasks.config import DataConfig, ModelConfig, TaskConfig, resolve_path
 
 
@@ -22,11 +22,25 @@ class SimulationConfig(TaskConfig):
     options: dict[str, Any] = Field(default_factory=dict, description="The strategy's own config.")
     rounds: int = Field(10, ge=1)
     seed: int = Field(0, ge=0)
+    dp: dict[str, Any] | None = Field(None, description="Differential privacy wrapper; see strategies.dp.")
+    compression: dict[str, Any] | None = Field(None, description="Update codecs; see strategies.compression.")
 
     @model_validator(mode="after")
     def _strategy_options(self) -> "SimulationConfig":
         self.strategy_config()
+        for section in WRAPPER_MODULES:
+            options = getattr(self, section)
+            if options is not None:
+                try:
+                    wrapper_config(section, options)
+                except ValidationError as error:
+                    raise ValueError("; ".join(
+                        f"{section}.{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors()
+                    )) from error
         return self
+
+    def wrappers(self) -> dict[str, dict[str, Any] | None]:
+        return {section: getattr(self, section) for section in WRAPPER_MODULES}
 
     def strategy_config(self) -> StrategyConfig:
         """The options validated by the strategy's own model; errors are reported as options.<field>."""

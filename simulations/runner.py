@@ -18,7 +18,7 @@ from fedserver.metrics import MetricsLog, RoundMetrics
 from protos.convert import instruction_from_proto, instruction_to_proto, update_from_proto, update_to_proto
 from simulations.config import SimulationConfig
 from strategies.api import ClientStrategy, InvalidUpdate, RunContext, ServerStrategy, Workspace
-from strategies.registry import get_strategy
+from strategies.registry import resolve
 from tasks.data import FederatedData, prepare_federated_data
 from tasks.models import load_model
 
@@ -35,7 +35,7 @@ class Federation:
 
 
 def build_federation(config: SimulationConfig) -> Federation:
-    definition = get_strategy(config.strategy)
+    definition = resolve(config.strategy, config.wrappers())
     strategy_config = config.strategy_config()
     context = RunContext(seed=config.seed, rounds=config.rounds, train=config.train, model_kind=config.model.kind)
     bundle = load_model(config.model, config.seed)
@@ -79,6 +79,10 @@ def run_simulation(config: SimulationConfig, out_dir: Path, show_progress: bool 
     with Progress(*columns, disable=not show_progress) as progress:
         task = progress.add_task(f"fedsim {config.strategy}", total=config.rounds, status=_status(history[-1]))
         for round in range(1, config.rounds + 1):
+            reason = federation.server.stop_reason(round)
+            if reason:
+                progress.console.print(f"[yellow]fedsim: stopping before round {round}: {reason}")
+                break
             history.append(run_round(federation, engine, round))
             progress.update(task, advance=1, status=_status(history[-1]))
     engine.save_global(out_dir / "global")

@@ -113,6 +113,15 @@ class StrategyConfig(BaseModel):
     clients_per_round: int | None = Field(None, ge=1, description="Clients sampled per round; None = all.")
 
 
+class DeviceProfile(BaseModel):
+    """What a client says about its device when it registers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    memory_mb: int = Field(0, ge=0, description="Usable memory; 0 = unknown.")
+    compute_class: str = Field("cpu", description="e.g. cpu, gpu, phone.")
+    codecs: tuple[str, ...] = Field(("none",), description="Update codecs the client can encode.")
+
+
 @dataclass(frozen=True)
 class RunContext:
     """Run-wide facts both halves may need."""
@@ -195,6 +204,17 @@ class ServerStrategy(ABC, Generic[C]):
     def load_global_into(self, workspace: Workspace) -> None:
         """Write the global state into the workspace model, for evaluation and saving."""
 
+    def on_client_registered(self, client_id: str, profile: "DeviceProfile") -> None:
+        """A client joined with this device profile (e.g. to choose its codec); default: ignore."""
+
+    def stop_reason(self, next_round: int) -> str | None:
+        """Why the run must stop before `next_round` (e.g. a spent privacy budget), or None."""
+        return None
+
+    def round_metrics(self) -> dict[str, float]:
+        """Extra per-round values for metrics.jsonl (e.g. epsilon, delta); default none."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -241,12 +261,16 @@ def hash_seed(*parts: object) -> int:
 
 @dataclass(frozen=True)
 class StrategyDefinition:
-    """A registry entry: the config model, both halves and how to build the workspace."""
+    """A registry entry: the config model, both halves and how to build the workspace.
+
+    `server` and `client` are classes or any factories with the same signature, which is how
+    wrappers (DP, compression) build a definition around another one.
+    """
 
     name: str
     config: type[StrategyConfig]
-    server: type[ServerStrategy]
-    client: type[ClientStrategy]
+    server: Callable[[Any, RunContext], ServerStrategy]
+    client: Callable[[Any, RunContext, str], ClientStrategy]
     build_workspace: Callable[[ModelBundle, Any, RunContext], Workspace]
     summary: str = ""
 

@@ -11,7 +11,11 @@ where DEFINITION is a `strategies.api.StrategyDefinition`. Nothing in this repo 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from importlib.metadata import entry_points
+from typing import Any
+
+from pydantic import BaseModel
 
 from strategies.api import StrategyDefinition
 
@@ -19,6 +23,15 @@ ENTRY_POINT_GROUP = "fedtune.strategies"
 BUILTIN_MODULES = {
     "fedavg_lora": "strategies.fedavg_lora",
     "ffa_lora": "strategies.ffa_lora",
+    "fedkseed": "strategies.fedkseed",
+    "admm": "strategies.admm",
+}
+# Update transforms that wrap any tensor-valued strategy, by config section, applied in this
+# order (innermost first). Each module exposes `Config` (pydantic) and
+# `wrap(definition, config) -> StrategyDefinition`.
+WRAPPER_MODULES = {
+    "dp": "strategies.dp",
+    "compression": "strategies.compression",
 }
 _registered: dict[str, StrategyDefinition] = {}
 
@@ -46,6 +59,23 @@ def get_strategy(name: str) -> StrategyDefinition:
             raise TypeError(f"entry point {entry.value!r} is not a StrategyDefinition")
         return register(definition)
     raise UnknownStrategy(f"strategy: unknown name {name!r}; available: {available_strategies()}")
+
+
+def wrapper_config(section: str, options: Mapping[str, Any]) -> BaseModel:
+    """Validate one wrapper section with the wrapper's own config model."""
+    module = importlib.import_module(WRAPPER_MODULES[section])
+    return module.Config.model_validate(dict(options))
+
+
+def resolve(name: str, wrappers: Mapping[str, Mapping[str, Any] | None]) -> StrategyDefinition:
+    """The named strategy wrapped by every configured wrapper section (in WRAPPER_MODULES order)."""
+    definition = get_strategy(name)
+    for section, module_name in WRAPPER_MODULES.items():
+        options = wrappers.get(section)
+        if options is not None:
+            module = importlib.import_module(module_name)
+            definition = module.wrap(definition, wrapper_config(section, options))
+    return definition
 
 
 def available_strategies() -> list[str]:

@@ -1,0 +1,83 @@
+"""Base classes for update transforms (DP, compression) that wrap another strategy's halves.
+
+A wrapper holds the inner half and delegates every hook; a concrete wrapper overrides only what it
+changes (e.g. the client clips after `fit`, the server adds noise after `aggregate`). The wrapped
+definition keeps the inner strategy's config and workspace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from strategies.api import (
+    ClientStrategy,
+    ClientUpdate,
+    DeviceProfile,
+    Instruction,
+    ServerStrategy,
+    TensorSpec,
+    Workspace,
+)
+from tasks.data import TokenDataset
+
+
+class ServerWrapper(ServerStrategy):
+    """Delegates every server hook to `inner`; state is saved under 'inner' plus the wrapper's own."""
+
+    def __init__(self, inner: ServerStrategy):
+        super().__init__(inner.config, inner.context)
+        self.inner = inner
+
+    def initialize(self, workspace: Workspace) -> None:
+        self.inner.initialize(workspace)
+
+    def sample_clients(self, round: int, available: Sequence[str]) -> list[str]:
+        return self.inner.sample_clients(round, available)
+
+    def instruction(self, round: int, client_id: str) -> Instruction:
+        return self.inner.instruction(round, client_id)
+
+    def update_specs(self) -> dict[str, TensorSpec]:
+        return self.inner.update_specs()
+
+    def validate_update(self, update: ClientUpdate, round: int) -> None:
+        self.inner.validate_update(update, round)
+
+    def aggregate(self, round: int, updates: Sequence[ClientUpdate]) -> None:
+        self.inner.aggregate(round, updates)
+
+    def load_global_into(self, workspace: Workspace) -> None:
+        self.inner.load_global_into(workspace)
+
+    def on_client_registered(self, client_id: str, profile: DeviceProfile) -> None:
+        self.inner.on_client_registered(client_id, profile)
+
+    def stop_reason(self, next_round: int) -> str | None:
+        return self.inner.stop_reason(next_round)
+
+    def round_metrics(self) -> dict[str, float]:
+        return self.inner.round_metrics()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.inner.load_state_dict(state["inner"])
+
+
+class ClientWrapper(ClientStrategy):
+    """Delegates `fit` and state to `inner`."""
+
+    def __init__(self, inner: ClientStrategy):
+        super().__init__(inner.config, inner.context, inner.client_id)
+        self.inner = inner
+
+    def fit(self, workspace: Workspace, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
+        return self.inner.fit(workspace, instruction, data)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.inner.load_state_dict(state["inner"])
