@@ -56,9 +56,9 @@ class PartitionConfig(StrictModel):
 class TrainConfig(StrictModel):
     """Local training hyperparameters shared by the gradient-based strategies."""
 
-    local_steps: int = Field(10, ge=1, description="Optimizer steps per client per round.")
+    local_steps: int = Field(20, ge=1, description="Optimizer steps per client per round.")
     batch_size: int = Field(16, ge=1)
-    learning_rate: float = Field(3e-3, gt=0)
+    learning_rate: float = Field(5e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     eval_batch_size: int = Field(64, ge=1)
