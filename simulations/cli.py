@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from simulations.config import ConfigError, load_config
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--rounds", type=int, help="override the config's round count")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # raised inside peft
 
     from simulations.runner import run_simulation
 

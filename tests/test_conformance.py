@@ -107,3 +107,17 @@ def test_stale_round_is_rejected(federation):
     update = real_update(federation, round=1)
     with pytest.raises(InvalidUpdate, match="round 1 is not the current round 2"):
         federation.server.validate_update(update, 2)
+
+
+def test_client_state_stays_adapter_sized(federation):
+    """Virtual clients share the one workspace; what a client half keeps between rounds is at
+    most a few update-sized tensors, never a model copy, so memory grows per client by about an
+    adapter (or less)."""
+    update = real_update(federation)
+    update_bytes = sum(t.numel() * t.element_size() for t in update.tensors.values())
+    for client in federation.clients.values():
+        buffer = io.BytesIO()
+        torch.save(client.state_dict(), buffer)
+        assert buffer.tell() <= 4 * update_bytes + 64 * 1024
+    model_bytes = sum(p.numel() * p.element_size() for p in federation.workspace.model.parameters())
+    assert 4 * update_bytes + 64 * 1024 < model_bytes
