@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
+from simulations.channel import ChannelConfig
 from strategies.api import StrategyConfig
 from strategies.registry import WRAPPER_MODULES, UnknownStrategy, get_strategy, wrapper_config
 from tasks.config import DataConfig, ModelConfig, TaskConfig, resolve_path
@@ -24,6 +25,7 @@ class SimulationConfig(TaskConfig):
     seed: int = Field(0, ge=0)
     dp: dict[str, Any] | None = Field(None, description="Differential privacy wrapper; see strategies.dp.")
     compression: dict[str, Any] | None = Field(None, description="Update codecs; see strategies.compression.")
+    channel: ChannelConfig | None = Field(None, description="Noisy links (fedsim only); see simulations.channel.")
 
     @model_validator(mode="after")
     def _strategy_options(self) -> "SimulationConfig":

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from fedserver.engine import RoundEngine
 from fedserver.metrics import MetricsLog, RoundMetrics
 from protos.convert import instruction_from_proto, instruction_to_proto, update_from_proto, update_to_proto
+from simulations.channel import Channel
 from simulations.config import SimulationConfig
 from strategies.api import ClientStrategy, InvalidUpdate, RunContext, ServerStrategy, Workspace
 from strategies.registry import resolve
@@ -50,18 +51,34 @@ def build_federation(config: SimulationConfig) -> Federation:
 
 
 def run_round(federation: Federation, engine: RoundEngine, round: int) -> RoundMetrics:
-    """One round: instructions down, local training, updates up, aggregation, evaluation."""
+    """One round: instructions down, local training, updates up, aggregation, evaluation.
+
+    Decoded messages pass through the configured channel (noise, loss: a lost instruction means the
+    client sits the round out, a lost update is never submitted); every client that did not train
+    this round gets its strategy's `idle` hook.
+    """
+    channel = Channel(federation.config.channel, federation.config.seed)
     instructions = engine.begin_round(round, list(federation.clients))
+    trained: set[str] = set()
     for client_id, instruction in instructions.items():
         encoded_instruction = instruction_to_proto(instruction)
         engine.count_down(instruction, encoded_instruction.ByteSize())
-        received = instruction_from_proto(encoded_instruction)
+        received = channel.downlink(instruction_from_proto(encoded_instruction), client_id)
+        if received is None:
+            continue
         update = federation.clients[client_id].fit(federation.workspace, received, federation.data.clients[client_id])
+        trained.add(client_id)
         encoded_update = update_to_proto(update)
+        delivered = channel.uplink(update_from_proto(encoded_update))
+        if delivered is None:
+            continue
         try:
-            engine.submit(update_from_proto(encoded_update), encoded_update.ByteSize())
+            engine.submit(delivered, encoded_update.ByteSize())
         except InvalidUpdate:
             continue
+    for client_id, client in federation.clients.items():
+        if client_id not in trained:
+            client.idle(federation.workspace, round, federation.data.clients[client_id])
     return engine.finish_round()
 
 

@@ -234,6 +234,10 @@ class ClientStrategy(ABC, Generic[C]):
     def fit(self, workspace: Workspace, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
         """Train locally from the instruction's global state and return the update to send."""
 
+    def idle(self, workspace: Workspace, round: int, data: TokenDataset) -> None:
+        """A round this client takes no part in (not scheduled, or its instruction was lost).
+        Default: nothing; noise-robust ADMM keeps updating locally here (arXiv:2409.13451)."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
