@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from protos import fedtune_pb2 as protos_dot_fedtune__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -22,3 +23,258 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
+
+
+class FederationStub:
+    """---- service ---------------------------------------------------------------------------------
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Register = channel.unary_unary(
+                '/fedtune.v1.Federation/Register',
+                request_serializer=protos_dot_fedtune__pb2.RegisterRequest.SerializeToString,
+                response_deserializer=protos_dot_fedtune__pb2.RegisterReply.FromString,
+                _registered_method=True)
+        self.PullInstruction = channel.unary_stream(
+                '/fedtune.v1.Federation/PullInstruction',
+                request_serializer=protos_dot_fedtune__pb2.PullRequest.SerializeToString,
+                response_deserializer=protos_dot_fedtune__pb2.InstructionMessage.FromString,
+                _registered_method=True)
+        self.PushUpdate = channel.stream_unary(
+                '/fedtune.v1.Federation/PushUpdate',
+                request_serializer=protos_dot_fedtune__pb2.UpdateMessage.SerializeToString,
+                response_deserializer=protos_dot_fedtune__pb2.PushReply.FromString,
+                _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/fedtune.v1.Federation/Heartbeat',
+                request_serializer=protos_dot_fedtune__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=protos_dot_fedtune__pb2.HeartbeatReply.FromString,
+                _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/fedtune.v1.Federation/Leave',
+                request_serializer=protos_dot_fedtune__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=protos_dot_fedtune__pb2.LeaveReply.FromString,
+                _registered_method=True)
+
+
+class FederationServicer:
+    """---- service ---------------------------------------------------------------------------------
+
+    """
+
+    def Register(self, request, context):
+        """Join (or rejoin) the run. Call first, and again after any UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullInstruction(self, request, context):
+        """Long-poll for this client's next instruction; see "Call order" and "Payload streams".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushUpdate(self, request_iterator, context):
+        """Upload one round's update as a payload stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
+        """Liveness (and progress, for `fedserver status`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Leave(self, request, context):
+        """Stop being scheduled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_FederationServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Register': grpc.unary_unary_rpc_method_handler(
+                    servicer.Register,
+                    request_deserializer=protos_dot_fedtune__pb2.RegisterRequest.FromString,
+                    response_serializer=protos_dot_fedtune__pb2.RegisterReply.SerializeToString,
+            ),
+            'PullInstruction': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullInstruction,
+                    request_deserializer=protos_dot_fedtune__pb2.PullRequest.FromString,
+                    response_serializer=protos_dot_fedtune__pb2.InstructionMessage.SerializeToString,
+            ),
+            'PushUpdate': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushUpdate,
+                    request_deserializer=protos_dot_fedtune__pb2.UpdateMessage.FromString,
+                    response_serializer=protos_dot_fedtune__pb2.PushReply.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=protos_dot_fedtune__pb2.HeartbeatRequest.FromString,
+                    response_serializer=protos_dot_fedtune__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=protos_dot_fedtune__pb2.LeaveRequest.FromString,
+                    response_serializer=protos_dot_fedtune__pb2.LeaveReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'fedtune.v1.Federation', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('fedtune.v1.Federation', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Federation:
+    """---- service ---------------------------------------------------------------------------------
+
+    """
+
+    @staticmethod
+    def Register(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtune.v1.Federation/Register',
+            protos_dot_fedtune__pb2.RegisterRequest.SerializeToString,
+            protos_dot_fedtune__pb2.RegisterReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullInstruction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedtune.v1.Federation/PullInstruction',
+            protos_dot_fedtune__pb2.PullRequest.SerializeToString,
+            protos_dot_fedtune__pb2.InstructionMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushUpdate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/fedtune.v1.Federation/PushUpdate',
+            protos_dot_fedtune__pb2.UpdateMessage.SerializeToString,
+            protos_dot_fedtune__pb2.PushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtune.v1.Federation/Heartbeat',
+            protos_dot_fedtune__pb2.HeartbeatRequest.SerializeToString,
+            protos_dot_fedtune__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtune.v1.Federation/Leave',
+            protos_dot_fedtune__pb2.LeaveRequest.SerializeToString,
+            protos_dot_fedtune__pb2.LeaveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
