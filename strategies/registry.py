@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from strategies.api import StrategyDefinition
+from strategies.api import StrategyConfig, StrategyDefinition
 
 ENTRY_POINT_GROUP = "fedtune.strategies"
 BUILTIN_MODULES = {
@@ -81,3 +81,32 @@ def resolve(name: str, wrappers: Mapping[str, Mapping[str, Any] | None]) -> Stra
 def available_strategies() -> list[str]:
     plugins = {entry.name for entry in entry_points(group=ENTRY_POINT_GROUP)}
     return sorted(set(BUILTIN_MODULES) | set(_registered) | plugins)
+
+
+def validate_run_options(
+    name: str, options: Mapping[str, Any], wrappers: Mapping[str, Mapping[str, Any] | None]
+) -> StrategyConfig:
+    """A run config's strategy options and wrapper sections, each checked by its own model.
+
+    Shared by every run config (fedsim's, fedserver's); the ValueError names each bad field as
+    `options.<field>` or `<section>.<field>`.
+    """
+    try:
+        definition = get_strategy(name)
+    except UnknownStrategy as error:
+        raise ValueError(str(error)) from error
+    try:
+        config = definition.parse_config(options)
+    except ValidationError as error:
+        raise ValueError(_fields("options", error)) from error
+    for section in WRAPPER_MODULES:
+        if wrappers.get(section) is not None:
+            try:
+                wrapper_config(section, wrappers[section])
+            except ValidationError as error:
+                raise ValueError(_fields(section, error)) from error
+    return config
+
+
+def _fields(prefix: str, error: ValidationError) -> str:
+    return "; ".join(f"{prefix}.{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors())

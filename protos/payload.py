@@ -1,0 +1,319 @@
+"""Payload streams: an Instruction or ClientUpdate as header + raw data chunks + SHA-256.
+
+The layout is specified in fedtune.proto ("Payload streams"). Both ends share this module: the
+sender streams straight from tensor memory and the receiver writes chunks straight into
+preallocated tensors, so neither side ever holds a second copy of the payload (the server's peak
+memory stays near one update, whatever its size).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable
+
+import grpc
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from protos import fedtune_pb2 as pb
+from protos.convert import DTYPE_NAMES, DTYPES, instruction_from_proto, instruction_to_proto
+from strategies.api import ClientUpdate, Instruction, TensorMap
+
+MiB = 1 << 20
+PROTOCOL_VERSION = 1
+CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+AUTH_METADATA_KEY = "authorization"
+ProgressCallback = Callable[[int, int], None]  # (bytes so far, total bytes)
+
+
+class Limits(BaseModel):
+    """Explicit size limits of the protocol; the server sends its values to every client."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    chunk_bytes: int = Field(2 * MiB, ge=1024, description="Largest data chunk of a payload stream.")
+    max_message_bytes: int = Field(8 * MiB, ge=64 * 1024, description="Largest single gRPC message (both ways).")
+    max_update_bytes: int = Field(1024 * MiB, ge=1, description="Largest tensor payload of one ClientUpdate.")
+    max_tensors: int = Field(4096, ge=1, description="Most tensors in one ClientUpdate.")
+    max_metrics: int = Field(256, ge=0, description="Most entries in ClientUpdate.metrics.")
+    max_name_bytes: int = Field(512, ge=1, description="Longest tensor or metric name, in UTF-8 bytes.")
+
+    @model_validator(mode="after")
+    def _chunk_fits_in_a_message(self) -> "Limits":
+        if self.max_message_bytes < self.chunk_bytes + 64 * 1024:
+            raise ValueError(
+                f"limits.max_message_bytes ({self.max_message_bytes}) must exceed limits.chunk_bytes "
+                f"({self.chunk_bytes}) by at least 64 KiB of framing"
+            )
+        return self
+
+    def to_proto(self) -> pb.Limits:
+        return pb.Limits(**self.model_dump())
+
+    @classmethod
+    def from_proto(cls, message: pb.Limits) -> "Limits":
+        return cls(**{name: getattr(message, name) for name in cls.model_fields})
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        """gRPC's own message caps, set explicitly on both ends (gRPC's default is 4 MiB receive)."""
+        return [("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", self.max_message_bytes)]
+
+
+class PayloadError(ValueError):
+    """A payload stream that cannot be used; `code` is the gRPC status that says why."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _require_little_endian() -> None:
+    if sys.byteorder != "little":
+        raise RuntimeError("fedtune payload streams need a little-endian host (the wire format is little-endian)")
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's wire bytes (C order, little-endian) as a view of its own memory, no copy."""
+    _require_little_endian()
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def header_tensor(name: str, tensor: torch.Tensor) -> pb.Tensor:
+    if tensor.dtype not in DTYPE_NAMES:
+        raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT, f"tensor {name!r}: dtype {tensor.dtype} cannot travel")
+    return pb.Tensor(name=name, dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape))
+
+
+def payload_chunks(tensors: Iterable[torch.Tensor], chunk_bytes: int, hasher: Any,
+                   progress: ProgressCallback | None = None) -> Iterator[bytes]:
+    """The tensors' bytes concatenated and cut into chunks of at most `chunk_bytes`; feeds `hasher`."""
+    views = [tensor_bytes(tensor) for tensor in tensors]
+    total = sum(view.nbytes for view in views)
+    pending: list[memoryview] = []
+    pending_bytes = sent = 0
+    for view in views:
+        start = 0
+        while start < view.nbytes:
+            piece = view[start : start + chunk_bytes - pending_bytes]
+            pending.append(piece)
+            pending_bytes += piece.nbytes
+            start += piece.nbytes
+            if pending_bytes == chunk_bytes:
+                chunk = b"".join(pending)
+                hasher.update(chunk)
+                sent += len(chunk)
+                yield chunk
+                if progress:
+                    progress(sent, total)
+                pending, pending_bytes = [], 0
+    if pending_bytes:
+        chunk = b"".join(pending)
+        hasher.update(chunk)
+        yield chunk
+        if progress:
+            progress(total, total)
+
+
+def update_messages(update: ClientUpdate, chunk_bytes: int,
+                    progress: ProgressCallback | None = None) -> Iterator[pb.UpdateMessage]:
+    """A ClientUpdate as the PushUpdate stream: header, data chunks, sha256."""
+    header = pb.ClientUpdate(
+        client_id=update.client_id, round=update.round, num_examples=update.num_examples,
+        tensors=[header_tensor(name, tensor) for name, tensor in update.tensors.items()],
+        metrics=dict(update.metrics),
+    )
+    yield pb.UpdateMessage(header=header)
+    hasher = hashlib.sha256()
+    for chunk in payload_chunks(update.tensors.values(), chunk_bytes, hasher, progress):
+        yield pb.UpdateMessage(data=chunk)
+    yield pb.UpdateMessage(sha256=hasher.digest())
+
+
+def instruction_messages(instruction: Instruction, chunk_bytes: int) -> Iterator[pb.InstructionMessage]:
+    """An Instruction as the payload part of a PullInstruction stream: header, data chunks, sha256."""
+    header = instruction_to_proto(Instruction(round=instruction.round, settings=instruction.settings))
+    header.tensors.extend(header_tensor(name, tensor) for name, tensor in instruction.tensors.items())
+    yield pb.InstructionMessage(header=header)
+    hasher = hashlib.sha256()
+    for chunk in payload_chunks(instruction.tensors.values(), chunk_bytes, hasher):
+        yield pb.InstructionMessage(data=chunk)
+    yield pb.InstructionMessage(sha256=hasher.digest())
+
+
+def _check_name(name: str, field: str, limits: Limits) -> None:
+    if not name:
+        raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: empty name")
+    if len(name.encode()) > limits.max_name_bytes:
+        raise PayloadError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"{field} {name[:40]!r}...: name is {len(name.encode())} bytes, over the limit "
+                           f"max_name_bytes={limits.max_name_bytes}")
+
+
+class PayloadReader:
+    """Reassembles one payload stream into tensors, checking order, sizes, limits and the digest.
+
+    Feed it the stream's messages in order; `header` is available as soon as the first one is in,
+    so the caller can refuse an update (wrong round, duplicate) before any data arrives.
+    """
+
+    def __init__(self, what: str, limits: Limits, max_payload_bytes: int):
+        self.what = what  # "ClientUpdate" or "Instruction", for error messages
+        self.limits = limits
+        self.max_payload_bytes = max_payload_bytes
+        self.header: Any = None
+        self.total = 0
+        self.received = 0
+        self.digest: bytes | None = None
+        self._hasher = hashlib.sha256()
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._slots: list[tuple[str, np.ndarray]] = []  # (tensor name, its writable uint8 view)
+
+    def feed(self, message: Any) -> None:
+        part = message.WhichOneof("part")
+        if self.digest is not None:
+            raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{self.what} stream: message after the sha256 trailer")
+        if part == "header" and self.header is None:
+            self._open(getattr(message, "header"))
+        elif self.header is None:
+            raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{self.what} stream: the first message must be `header`, got `{part}`")
+        elif part == "data":
+            self._add(message.data)
+        elif part == "sha256":
+            self._close(message.sha256)
+        else:
+            raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{self.what} stream: unexpected `{part}` after the header")
+
+    @property
+    def complete(self) -> bool:
+        return self.digest is not None
+
+    def tensors(self) -> TensorMap:
+        """The reassembled tensors; DATA_LOSS if the stream ended before its sha256 trailer."""
+        if not self.complete:
+            raise PayloadError(
+                grpc.StatusCode.DATA_LOSS,
+                f"{self.what} stream truncated: it ended after {self.received} of {self.total} payload bytes "
+                "without the sha256 trailer" if self.header is not None else f"{self.what} stream: empty",
+            )
+        return self._tensors
+
+    def _open(self, header: Any) -> None:
+        limits = self.limits
+        tensors = list(header.tensors)
+        if len(tensors) > limits.max_tensors:
+            raise PayloadError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{self.what}.tensors: {len(tensors)} tensors, over the limit "
+                               f"max_tensors={limits.max_tensors}")
+        metrics = getattr(header, "metrics", {})
+        if len(metrics) > limits.max_metrics:
+            raise PayloadError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{self.what}.metrics: {len(metrics)} entries, over the limit "
+                               f"max_metrics={limits.max_metrics}")
+        for name in metrics:
+            _check_name(name, f"{self.what}.metrics", limits)
+        total = 0
+        seen: set[str] = set()
+        for tensor in tensors:
+            _check_name(tensor.name, f"{self.what}.tensors", limits)
+            where = f"{self.what}.tensors[{tensor.name!r}]"
+            if tensor.name in seen:
+                raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: name appears twice")
+            if tensor.data:
+                raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"{where}.data: must be empty in a stream header (bytes follow as chunks)")
+            if tensor.dtype not in DTYPES:
+                raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"{where}.dtype: unknown dtype {tensor.dtype!r}; known: {sorted(DTYPES)}")
+            if any(dim < 0 for dim in tensor.shape):
+                raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"{where}.shape: negative dimension in {list(tensor.shape)}")
+            dtype = DTYPES[tensor.dtype]
+            size = math.prod(tensor.shape) * torch.empty((), dtype=dtype).element_size()
+            total += size
+            if total > self.max_payload_bytes:
+                raise PayloadError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"{self.what}.tensors: payload of at least {total} bytes is over the limit "
+                                   f"max_update_bytes={self.max_payload_bytes}")
+            seen.add(tensor.name)
+        for tensor in tensors:
+            allocated = torch.empty(tuple(tensor.shape), dtype=DTYPES[tensor.dtype])
+            self._tensors[tensor.name] = allocated
+            self._slots.append((tensor.name, allocated.reshape(-1).view(torch.uint8).numpy()))
+        self.header = header
+        self.total = total
+        self._slot = 0
+        self._offset = 0
+
+    def _add(self, chunk: bytes) -> None:
+        if len(chunk) > self.limits.chunk_bytes:
+            raise PayloadError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{self.what} stream data: chunk of {len(chunk)} bytes is over the limit "
+                               f"chunk_bytes={self.limits.chunk_bytes}")
+        if self.received + len(chunk) > self.total:
+            raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{self.what} stream data: {self.received + len(chunk)} bytes, more than the "
+                               f"{self.total} the header's tensors hold")
+        self._hasher.update(chunk)
+        source = np.frombuffer(chunk, dtype=np.uint8)
+        while source.size:
+            _, target = self._slots[self._slot]
+            room = target.size - self._offset
+            if room == 0:
+                self._slot, self._offset = self._slot + 1, 0
+                continue
+            take = min(room, source.size)
+            target[self._offset : self._offset + take] = source[:take]
+            self._offset += take
+            source = source[take:]
+        self.received += len(chunk)
+
+    def _close(self, digest: bytes) -> None:
+        if self.received != self.total:
+            raise PayloadError(grpc.StatusCode.DATA_LOSS,
+                               f"{self.what} stream truncated: {self.received} of {self.total} payload bytes "
+                               "before the sha256 trailer")
+        if digest != self._hasher.digest():
+            raise PayloadError(grpc.StatusCode.DATA_LOSS,
+                               f"{self.what} stream sha256: the payload's digest {self._hasher.hexdigest()} does "
+                               f"not match the trailer's {digest.hex() or '(empty)'}")
+        for name, tensor in self._tensors.items():
+            if tensor.dtype == torch.bool and bool((tensor.view(torch.uint8) > 1).any()):
+                raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"{self.what}.tensors[{name!r}]: bool bytes must be 0 or 1")
+        self.digest = digest
+
+
+def update_from_stream(reader: PayloadReader) -> ClientUpdate:
+    """The ClientUpdate a completed reader holds; INVALID_ARGUMENT naming the field if it is not valid."""
+    header = reader.header
+    try:
+        return ClientUpdate(client_id=header.client_id, round=header.round, num_examples=header.num_examples,
+                            tensors=reader.tensors(), metrics=dict(header.metrics))
+    except ValidationError as error:
+        fields = "; ".join(f"ClientUpdate.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT, fields) from error
+
+
+def instruction_from_stream(reader: PayloadReader) -> Instruction:
+    header = pb.Instruction()
+    header.CopyFrom(reader.header)
+    del header.tensors[:]
+    plain = instruction_from_proto(header)
+    return Instruction(round=plain.round, settings=plain.settings, tensors=reader.tensors())
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> str:
+    """SHA-256 of tensors' wire bytes in order (what a payload stream's trailer holds), hex."""
+    hasher = hashlib.sha256()
+    for tensor in (tensors.values() if isinstance(tensors, Mapping) else tensors):
+        hasher.update(tensor_bytes(tensor))
+    return hasher.hexdigest()
