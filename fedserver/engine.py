@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,8 +97,9 @@ class RoundEngine:
         state.accepted[update.client_id] = update
         state.bytes_up += wire_size(update) if size is None else size
 
-    def finish_round(self) -> RoundMetrics:
-        """Aggregate the accepted replies, evaluate the new global model and log the round."""
+    def finish_round(self, extra: Mapping[str, float] | None = None) -> RoundMetrics:
+        """Aggregate the accepted replies, evaluate the new global model and log the round
+        (with the transport's own `extra` values, e.g. stragglers)."""
         state = self.current
         assert state is not None
         updates = [state.accepted[cid] for cid in sorted(state.accepted)]
@@ -119,6 +120,7 @@ class RoundEngine:
             rejected=len(state.rejected),
             seconds=round(time.perf_counter() - state.started, 3),
             **self.strategy.round_metrics(),
+            **(extra or {}),
         )
         self.metrics.append(metrics)
         self.current = None

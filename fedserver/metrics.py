@@ -43,6 +43,12 @@ class MetricsLog:
             handle.write(metrics.model_dump_json() + "\n")
         self._write_csv()
 
+    def truncate(self, last_round: int) -> None:
+        """Drop rows after `last_round` (a resumed server redoes a round whose row it wrote but never committed)."""
+        kept = [row for row in self.rows() if row["round"] <= last_round]
+        self.jsonl.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        self._write_csv()
+
     def _write_csv(self) -> None:
         rows = self.rows()
         columns = list(dict.fromkeys(key for row in rows for key in row))
