@@ -9,13 +9,17 @@ from typing import Any
 from pydantic import Field, ValidationError, model_validator
 
 from simulations.channel import ChannelConfig
-from strategies.api import StrategyConfig
+from strategies.api import DeviceProfile, StrategyConfig
+from strategies.codecs import SUPPORTED_CODECS
 from strategies.registry import WRAPPER_MODULES, UnknownStrategy, get_strategy, wrapper_config
 from tasks.config import DataConfig, ModelConfig, TaskConfig, resolve_path
 
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file and each bad field."""
+
+
+VIRTUAL_DEVICE = DeviceProfile(codecs=SUPPORTED_CODECS)
 
 
 class SimulationConfig(TaskConfig):
@@ -26,6 +30,9 @@ class SimulationConfig(TaskConfig):
     dp: dict[str, Any] | None = Field(None, description="Differential privacy wrapper; see strategies.dp.")
     compression: dict[str, Any] | None = Field(None, description="Update codecs; see strategies.compression.")
     channel: ChannelConfig | None = Field(None, description="Noisy links (fedsim only); see simulations.channel.")
+    devices: dict[str, DeviceProfile] = Field(
+        default_factory=dict, description="Device profiles of virtual clients by id; others get VIRTUAL_DEVICE."
+    )
 
     @model_validator(mode="after")
     def _strategy_options(self) -> "SimulationConfig":
@@ -40,6 +47,10 @@ class SimulationConfig(TaskConfig):
                         f"{section}.{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors()
                     )) from error
         return self
+
+    def device_profile(self, client_id: str) -> DeviceProfile:
+        """What a virtual client registers with: fedsim's clients run this code, so every codec."""
+        return self.devices.get(client_id, VIRTUAL_DEVICE)
 
     def wrappers(self) -> dict[str, dict[str, Any] | None]:
         return {section: getattr(self, section) for section in WRAPPER_MODULES}
