@@ -120,8 +120,6 @@ def decode(blob: torch.Tensor, *, name: str = "tensor") -> torch.Tensor:
     header_size = _FIXED_HEADER.size + 4 * ndim + 4
     if len(data) < header_size:
         raise CodecError(f"tensor {name!r}: truncated header ({len(data)} of {header_size} bytes)")
-    if zlib.crc32(data[_FIXED_HEADER.size:]) != crc:
-        raise CodecError(f"tensor {name!r}: CRC mismatch, the encoded bytes are corrupted")
     *shape, param = struct.unpack_from(f"<{ndim + 1}I", data, _FIXED_HEADER.size)
     codec = CODEC_NAMES[codec_id]
     numel = math.prod(shape)
@@ -130,6 +128,8 @@ def decode(blob: torch.Tensor, *, name: str = "tensor") -> torch.Tensor:
     expected = header_size + body_size(codec, numel, param)
     if len(data) != expected:
         raise CodecError(f"tensor {name!r}: {codec} blob has {len(data)} bytes, expected {expected} for shape {shape}")
+    if zlib.crc32(data[_FIXED_HEADER.size:]) != crc:
+        raise CodecError(f"tensor {name!r}: CRC mismatch, the encoded bytes are corrupted")
     flat = _DECODERS[codec](np.frombuffer(data, dtype=np.uint8, offset=header_size), numel, param, name)
     if not bool(torch.isfinite(flat).all()):
         raise CodecError(f"tensor {name!r}: decodes to NaN or Inf")

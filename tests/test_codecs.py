@@ -211,7 +211,7 @@ def test_corrupted_and_truncated_blobs_are_rejected_by_name(codec):
     with pytest.raises(CodecError, match="'layer.lora_B'.*CRC mismatch"):
         decode(flipped, name="layer.lora_B")
     with pytest.raises(CodecError, match=r"'layer.lora_B'.*\d+ bytes, expected \d+"):
-        decode(reseal(blob.numpy().tobytes()[:-1]), name="layer.lora_B")
+        decode(blob[:-1], name="layer.lora_B")
     with pytest.raises(CodecError, match="'layer.lora_B'.*shorter than the blob header"):
         decode(blob[:5], name="layer.lora_B")
     with pytest.raises(CodecError, match="'layer.lora_B'.*1-D uint8"):
