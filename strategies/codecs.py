@@ -285,9 +285,14 @@ def _positions_size(numel: int, k: int) -> int:
 
 def _select_topk(flat: torch.Tensor, density: float) -> torch.Tensor:
     """Sorted positions of the k largest |x| (ties: lower index first), never an exact zero."""
-    k = min(topk_count(flat.numel(), density), int(torch.count_nonzero(flat)))
-    order = torch.sort(flat.abs(), descending=True, stable=True).indices[:k]
-    return torch.sort(order).values
+    magnitudes = flat.abs()
+    k = min(topk_count(flat.numel(), density), int(torch.count_nonzero(magnitudes)))
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long)
+    threshold = torch.topk(magnitudes, k, sorted=False).values.min()
+    above = torch.nonzero(magnitudes > threshold).reshape(-1)
+    tied = torch.nonzero(magnitudes == threshold).reshape(-1)[: k - above.numel()]
+    return torch.sort(torch.cat([above, tied])).values
 
 
 def _pack_positions(positions: np.ndarray, numel: int) -> bytes:
