@@ -52,8 +52,10 @@ def _read_file(path: Path) -> list[Record]:
                 return [json.loads(line) for line in handle if line.strip()]
         if path.suffix == ".json":
             loaded = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(loaded, dict) and "Definition" in loaded and "Instances" in loaded:
+                return _natural_instructions_rows(loaded, path)
             if not isinstance(loaded, list):
-                raise DataError(f"data: {path} must hold a JSON list of objects")
+                raise DataError(f"data: {path} must hold a JSON list of objects (or a Natural Instructions task)")
             return loaded
         if path.suffix in (".csv", ".tsv"):
             with path.open(encoding="utf-8", newline="") as handle:
@@ -63,6 +65,22 @@ def _read_file(path: Path) -> list[Record]:
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as error:
         raise DataError(f"data: cannot parse {path}: {error}") from error
     raise DataError(f"data: {path} has an unsupported suffix; use one of {SUPPORTED_SUFFIXES}")
+
+
+def _natural_instructions_rows(task: dict[str, Any], path: Path) -> list[Record]:
+    """A Natural Instructions v2 task file as rows: instruction = Definition, context = input,
+    response = the first reference output, category = the file's stem (one task per client)."""
+    definition = task["Definition"]
+    instruction = " ".join(definition) if isinstance(definition, list) else str(definition)
+    rows = []
+    for index, instance in enumerate(task["Instances"]):
+        outputs = instance.get("output") if isinstance(instance, dict) else None
+        if not outputs or "input" not in instance:
+            raise DataError(f"data: {path} instance {index} has no input or no output")
+        response = outputs[0] if isinstance(outputs, list) else outputs
+        rows.append({"instruction": instruction, "context": instance["input"], "response": str(response),
+                     "category": path.stem})
+    return rows
 
 
 def split_holdout(rows: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:

@@ -1,0 +1,576 @@
+"""FedKSeed (Qin et al., ICML 2024, arXiv:2312.06353): full-parameter zeroth-order tuning by seed exchange.
+
+Every floating-point parameter of the plain transformers model is trained (no peft), yet only
+(seed index, scalar) pairs cross the wire, whatever the model's size (algorithms.md §3).
+
+- Seed pool: K seeds `hash_seed(run seed, "fedkseed-pool", k)`, derived by everyone from the run
+  seed, so the pool never travels. K defaults to 4096, the reference code's default (the README's
+  example commands pass 1024).
+- Perturbation z(s): a CPU `torch.Generator` (mt19937) seeded with s draws `torch.randn` in
+  float32 for each parameter in canonical order (sorted names), one parameter at a time, so a
+  perturbation never costs more than one parameter's memory. Bit-identical across processes on
+  the same CPU kind; torch picks its vectorised normal kernel by CPU capability, so across
+  machines pin `ATEN_CPU_CAPABILITY` to one value.
+- Client step (MeZO pattern, Malladi et al. arXiv:2305.17333, Alg. 1; algorithms.md §3.3): w += εz,
+  L+; w −= 2εz, L−; g = (L+ − L−)/2ε; then w += (ε − ηg)z, the restore and the update fused in one
+  pass. Losses in fp32 under model.eval(); a NaN (or over-clip) loss difference only restores and
+  records nothing. A client uploads G_i[j] = Σ g over the steps that drew seed j: exactly S pairs
+  for S distinct seeds, `seed_index` (int16 when K ≤ 32768, else int32) + `scalar_grad` (float32).
+- Server (§3.4): ΔG_v = Σ_i p_i G_i with p_i ∝ n_i (float64 via `weighted_mean`, client-id order,
+  sent as float32). Version v of the global model is w_v = w_{v−1} − η Σ_j ΔG_v[j] z(s_j), seeds in
+  ascending index order. Every party applying the same versions to the same bits gets the same
+  bits; by linearity (constant η, weight decay 0: anything else is rejected) w_v is the p-weighted
+  average of the clients' end-of-round models up to float rounding.
+- Downlink (§3.5): the catch-up log, i.e. each version's ΔG since the client's last accepted
+  update (or since w_0 for a new client; w_0 is the pretrained model every client has), which the
+  client replays on its own copy. The server computes both candidates' bytes on the wire, the log's
+  (pairs × (index bytes + 4) + 4 per version) and the checkpoint's (Σ numel × 4 over the trained
+  parameters), each plus its tensors' names and about 32 bytes of protobuf framing per tensor, and sends the
+  checkpoint instead of the log only when it is smaller. For a real LLM that never happens (a
+  7B checkpoint is 28 GB, a version ≤ 16 KB); for tiny models it does after some rounds. Each version carries a chained digest, so a model that holds
+  another history is detected, never silently extended. FedKSeed-Pro (§3.6) adds K float32
+  sampling probabilities.
+- One workspace per process (fedsim shares it between the server and every virtual client): it
+  knows which version its model holds, and keeps one snapshot of that version while local steps
+  run, so any client, or the server, gets the exact synced model back. Memory is at most two
+  models per process, whatever the number of clients; client state is empty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from strategies.api import (
+    ClientStrategy,
+    ClientUpdate,
+    DeviceProfile,
+    Instruction,
+    InvalidInstruction,
+    InvalidUpdate,
+    RunContext,
+    ServerStrategy,
+    StrategyConfig,
+    StrategyDefinition,
+    TensorMap,
+    TensorSpec,
+    hash_seed,
+    weighted_mean,
+)
+from strategies.registry import register
+from tasks.config import TrainConfig
+from tasks.data import TokenDataset
+from tasks.models import ModelBundle, load_model
+
+SEED_INDEX = "seed_index"
+SCALAR_GRAD = "scalar_grad"
+SEED_PROBABILITY = "seed_probability"
+LOG_SIZES = "log_sizes"
+LOG_INDEX = "log_seed_index"
+LOG_VALUE = "log_value"
+CHECKPOINT_PREFIX = "checkpoint/"
+TENSOR_FRAMING = 32  # a tensor's protobuf framing besides its name (tags, lengths, dtype, shape), about
+GENESIS_DIGEST = "0" * 16
+
+NamedParameters = list[tuple[str, nn.Parameter]]
+
+
+class FedKSeedConfig(StrategyConfig):
+    """FedKSeed knobs; η, τ and the batch size are `train.learning_rate/local_steps/batch_size`
+    (the reference: η = 3e-7, τ = 200, batch 1). Local training is always zeroth-order SGD, so
+    `train.optimizer` is not used."""
+
+    seed_pool_size: int = Field(4096, ge=1, le=2**31 - 1, description="K, the number of candidate seeds.")
+    eps: float = Field(5e-4, gt=0, description="Perturbation scale ε (reference zo_eps).")
+    loss_diff_clip: float | None = Field(
+        None, gt=0, description="Skip a step when |L+ − L−| exceeds this (reference grad_clip; off)."
+    )
+    pro: bool = Field(False, description="FedKSeed-Pro: sample seeds by their gradient amplitude.")
+    pro_clip: float = Field(1000.0, gt=0, description="Pro: |g| is clipped to this (reference bias_loss_clip).")
+
+
+def check_replay_linear(train: TrainConfig) -> None:
+    """Seed replay w_v = w_{v−1} − η Σ ΔG_j z_j needs plain constant-η SGD (algorithms.md §3.11)."""
+    if train.weight_decay != 0:
+        raise ValueError(
+            f"train.weight_decay: fedkseed replays the seed history linearly and needs weight decay 0, "
+            f"got {train.weight_decay}"
+        )
+
+
+def seed_pool(run_seed: int, size: int) -> list[int]:
+    """The K candidate seeds, the same for every party of a run."""
+    pool = [hash_seed(run_seed, "fedkseed-pool", k) for k in range(size)]
+    if len(set(pool)) != size:
+        raise ValueError(f"seed_pool_size: {size} seeds from run seed {run_seed} collide")
+    return pool
+
+
+def index_dtype(pool_size: int) -> torch.dtype:
+    return torch.int16 if pool_size <= 2**15 else torch.int32
+
+
+def perturbation(parameters: NamedParameters, seed: int) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
+    """z(seed) one parameter at a time: standard normal float32 from a CPU mt19937 generator."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    for _, parameter in parameters:
+        yield parameter, torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
+
+
+@torch.no_grad()
+def perturb(parameters: NamedParameters, seed: int, scale: float) -> None:
+    """w ← w + scale·z(seed), in place."""
+    for parameter, z in perturbation(parameters, seed):
+        parameter.add_(z.to(device=parameter.device, dtype=parameter.dtype), alpha=scale)
+
+
+@dataclass(frozen=True)
+class ZerothOrderStep:
+    scalar_grad: float
+    loss: float
+
+
+def zeroth_order_step(
+    parameters: NamedParameters,
+    seed: int,
+    eps: float,
+    learning_rate: float,
+    loss_fn: Callable[[], float],
+    loss_diff_clip: float | None = None,
+) -> ZerothOrderStep | None:
+    """One two-point step (algorithms.md §3.3 steps 2-7); None (weights restored) when skipped."""
+    perturb(parameters, seed, eps)
+    loss_plus = loss_fn()
+    perturb(parameters, seed, -2 * eps)
+    loss_minus = loss_fn()
+    difference = loss_plus - loss_minus
+    if not math.isfinite(difference) or (loss_diff_clip is not None and abs(difference) > loss_diff_clip):
+        perturb(parameters, seed, eps)
+        return None
+    scalar_grad = difference / (2 * eps)
+    perturb(parameters, seed, eps - learning_rate * scalar_grad)
+    return ZerothOrderStep(scalar_grad=scalar_grad, loss=(loss_plus + loss_minus) / 2)
+
+
+@torch.no_grad()
+def batch_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> float:
+    return float(model(**batch).loss.float())
+
+
+def seed_probabilities(amplitudes: torch.Tensor) -> torch.Tensor:
+    """FedKSeed-Pro π (algorithms.md §3.6): softmax of min-max normalised mean |g|, in float64.
+    Since the normalised values lie in [0, 1], max π / min π ≤ e."""
+    amplitudes = amplitudes.to(torch.float64)
+    normalised = (amplitudes - amplitudes.min()) / (amplitudes.max() - amplitudes.min() + 1e-10)
+    return torch.softmax(normalised, dim=0)
+
+
+@dataclass(frozen=True)
+class Version:
+    """Which global model a copy holds: the number of aggregations applied and their chained digest."""
+
+    number: int
+    digest: str
+
+
+GENESIS = Version(0, GENESIS_DIGEST)
+
+
+@dataclass(frozen=True)
+class RoundDelta:
+    """One aggregation's ΔG: ascending unique seed indices (int64) and their float32 scalars."""
+
+    seed_index: torch.Tensor
+    value: torch.Tensor
+
+    def next_version(self, previous: Version) -> Version:
+        hasher = hashlib.sha256(previous.digest.encode())
+        hasher.update(self.seed_index.to(torch.int64).numpy().tobytes())
+        hasher.update(self.value.to(torch.float32).numpy().tobytes())
+        return Version(previous.number + 1, hasher.hexdigest()[:16])
+
+    def payload_bytes(self, index_bytes: int) -> int:
+        """Its share of an encoded log: index + float32 per pair, and its int32 entry in the sizes."""
+        return self.seed_index.numel() * (index_bytes + 4) + 4
+
+
+def versions_along(base: Version, log: Sequence[RoundDelta]) -> list[Version]:
+    """base, then the version after each delta of the log."""
+    chain = [base]
+    for delta in log:
+        chain.append(delta.next_version(chain[-1]))
+    return chain
+
+
+class SeedWorkspace:
+    """The plain model in one process, the version it holds, and the snapshot kept during local steps.
+
+    `model` holds the synced version unless a client is mid-way through (or finished) local steps;
+    then `_snapshot` holds it and `restore` copies it back. Parameters keep requires_grad False:
+    zeroth-order training never builds an autograd graph.
+    """
+
+    def __init__(self, bundle: ModelBundle, config: FedKSeedConfig, context: RunContext):
+        check_replay_linear(context.train)
+        self.model = bundle.model
+        self.tokenizer = bundle.tokenizer
+        self.parameters: NamedParameters = sorted(
+            (name, parameter) for name, parameter in self.model.named_parameters() if parameter.is_floating_point()
+        )
+        self.pool = seed_pool(context.seed, config.seed_pool_size)
+        self.learning_rate = context.train.learning_rate
+        self.version = GENESIS
+        self._reload = lambda: load_model(bundle.config, context.seed).model
+        self._initial_digest = self.digest()
+        self._snapshot: list[torch.Tensor] | None = None
+        self._snapshot_valid = False
+        self._dirty = False
+        self.model.eval()
+
+    def digest(self) -> str:
+        """SHA-256 over the trained parameters' names and bytes."""
+        hasher = hashlib.sha256()
+        for name, parameter in self.parameters:
+            hasher.update(name.encode())
+            hasher.update(parameter.detach().cpu().contiguous().numpy().tobytes())
+        return hasher.hexdigest()
+
+    def checkpoint_bytes(self) -> int:
+        """Wire bytes of `checkpoint()`: float32 payload plus each tensor's name and framing."""
+        return sum(
+            parameter.numel() * 4 + len(CHECKPOINT_PREFIX + name) + TENSOR_FRAMING for name, parameter in self.parameters
+        )
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Bring the synced version back into the model after local steps."""
+        if self._dirty:
+            assert self._snapshot is not None
+            for (_, parameter), saved in zip(self.parameters, self._snapshot):
+                parameter.copy_(saved)
+            self._dirty = False
+
+    @torch.no_grad()
+    def begin_local(self) -> None:
+        """Keep the synced version before local steps change the model."""
+        self.restore()
+        if not self._snapshot_valid:
+            if self._snapshot is None:
+                self._snapshot = [parameter.detach().clone() for _, parameter in self.parameters]
+            else:
+                for (_, parameter), saved in zip(self.parameters, self._snapshot):
+                    saved.copy_(parameter)
+            self._snapshot_valid = True
+        self._dirty = True
+
+    def apply(self, delta: RoundDelta) -> None:
+        """w ← w − η Σ_j ΔG[j] z(s_j), ascending j: the canonical replay of one version."""
+        self.restore()
+        for index, value in zip(delta.seed_index.tolist(), delta.value.tolist()):
+            perturb(self.parameters, self.pool[index], -self.learning_rate * value)
+        self.version = delta.next_version(self.version)
+        self._snapshot_valid = False
+
+    def catch_up(self, base: Version, log: Sequence[RoundDelta], target: Version) -> int:
+        """Replay the part of `log` (the versions after `base`) this model lacks; returns how many.
+
+        A model holding none of the log's versions (another history, or a later one after a
+        server rolled back) is reloaded from w_0 when the log starts there, else refused.
+        """
+        self.restore()
+        chain = versions_along(base, log)
+        if chain[-1] != target:
+            raise InvalidInstruction(
+                f"catch-up log from version {base.number} does not reproduce target_digest {target.digest!r}"
+            )
+        if self.version in chain:
+            start = chain.index(self.version)
+        elif base == GENESIS:
+            self.reset_to_initial()
+            start = 0
+        else:
+            raise InvalidInstruction(
+                f"base_version: the catch-up log starts at version {base.number}, but this model holds "
+                f"version {self.version.number} of another history; the server must send the log from 0"
+            )
+        for delta in log[start:]:
+            self.apply(delta)
+        return len(log) - start
+
+    @torch.no_grad()
+    def reset_to_initial(self) -> None:
+        """Reload w_0 (the pretrained weights every party has) and check it is the run's w_0."""
+        fresh = dict(self._reload().named_parameters())
+        for name, parameter in self.parameters:
+            if name not in fresh or fresh[name].shape != parameter.shape:
+                raise RuntimeError(f"reloading w_0: parameter {name!r} is missing or has another shape")
+            parameter.copy_(fresh[name])
+        if self.digest() != self._initial_digest:
+            raise RuntimeError("reloading w_0: the reloaded weights differ from the ones this run started from")
+        self.version = GENESIS
+        self._snapshot_valid = False
+        self._dirty = False
+
+    def checkpoint(self) -> TensorMap:
+        self.restore()
+        return {CHECKPOINT_PREFIX + name: parameter.detach().clone() for name, parameter in self.parameters}
+
+    @torch.no_grad()
+    def load_checkpoint(self, tensors: TensorMap, version: Version) -> None:
+        self.restore()
+        expected = {CHECKPOINT_PREFIX + name: parameter for name, parameter in self.parameters}
+        if set(tensors) != set(expected):
+            raise InvalidInstruction(
+                f"checkpoint: tensor names differ from this model's (missing {sorted(set(expected) - set(tensors))[:3]}, "
+                f"unexpected {sorted(set(tensors) - set(expected))[:3]})"
+            )
+        for name, parameter in expected.items():
+            if tensors[name].shape != parameter.shape:
+                raise InvalidInstruction(f"checkpoint: tensor {name!r} has shape {tuple(tensors[name].shape)}")
+            parameter.copy_(tensors[name])
+        self.version = version
+        self._snapshot_valid = False
+
+    def save(self, directory: Path) -> None:
+        """transformers format: the full fine-tuned model and its tokenizer."""
+        self.restore()
+        self.model.save_pretrained(str(directory))
+        self.tokenizer.save_pretrained(str(directory))
+
+
+LOG_FRAMING = len(LOG_SIZES + LOG_INDEX + LOG_VALUE) + 3 * TENSOR_FRAMING
+
+
+def encode_log(log: Sequence[RoundDelta], pool_size: int) -> TensorMap:
+    dtype = index_dtype(pool_size)
+    return {
+        LOG_SIZES: torch.tensor([delta.seed_index.numel() for delta in log], dtype=torch.int32),
+        LOG_INDEX: torch.cat([delta.seed_index for delta in log]).to(dtype) if log else torch.zeros(0, dtype=dtype),
+        LOG_VALUE: torch.cat([delta.value for delta in log]) if log else torch.zeros(0, dtype=torch.float32),
+    }
+
+
+def decode_log(tensors: TensorMap, pool_size: int) -> list[RoundDelta]:
+    """The instruction's catch-up log, checked: names, dtypes, sizes and index range."""
+    specs = {
+        LOG_SIZES: TensorSpec(shape=(None,), dtype=torch.int32),
+        LOG_INDEX: TensorSpec(shape=(None,), dtype=index_dtype(pool_size)),
+        LOG_VALUE: TensorSpec(shape=(None,), dtype=torch.float32),
+    }
+    for name, spec in specs.items():
+        tensor = tensors.get(name)
+        if tensor is None or tensor.dtype != spec.dtype or tensor.dim() != 1:
+            raise InvalidInstruction(f"tensor {name!r}: expected a 1-D {spec.dtype} tensor")
+    sizes, index, value = tensors[LOG_SIZES], tensors[LOG_INDEX].to(torch.int64), tensors[LOG_VALUE]
+    if (sizes < 0).any() or int(sizes.sum()) != index.numel() or index.numel() != value.numel():
+        raise InvalidInstruction(f"tensor {LOG_SIZES!r}: sizes do not match {LOG_INDEX!r} and {LOG_VALUE!r}")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= pool_size):
+        raise InvalidInstruction(f"tensor {LOG_INDEX!r}: an index is outside [0, {pool_size})")
+    if not bool(torch.isfinite(value).all()):
+        raise InvalidInstruction(f"tensor {LOG_VALUE!r} holds NaN or Inf")
+    pieces = zip(index.split(sizes.tolist()), value.split(sizes.tolist()))
+    return [RoundDelta(seed_index=i, value=v) for i, v in pieces]
+
+
+class FedKSeedServer(ServerStrategy[FedKSeedConfig]):
+    """Keeps the ΔG history (not the model), each client's synced version and Pro's amplitudes."""
+
+    def __init__(self, config: FedKSeedConfig, context: RunContext):
+        check_replay_linear(context.train)
+        super().__init__(config, context)
+        self.history: list[RoundDelta] = []
+        self.synced: dict[str, int] = {}
+        self.amplitude_sum = torch.zeros(config.seed_pool_size, dtype=torch.float64)
+        self.amplitude_count = torch.ones(config.seed_pool_size, dtype=torch.float64)  # grad_initial = 0
+        self._chain = [GENESIS]
+        self._index_bytes = torch.empty((), dtype=index_dtype(config.seed_pool_size)).element_size()
+
+    def initialize(self, workspace: SeedWorkspace) -> None:
+        self.workspace = workspace
+
+    def on_client_registered(self, client_id: str, profile: DeviceProfile) -> None:
+        """A (re)starting client process holds w_0, so its log starts at version 0."""
+        self.synced.pop(client_id, None)
+
+    def instruction(self, round: int, client_id: str) -> Instruction:
+        base = self.synced.get(client_id, 0)
+        log = self.history[base:]
+        target = self._chain[-1]
+        settings = {
+            "base_version": base,
+            "base_digest": self._chain[base].digest,
+            "target_version": target.number,
+            "target_digest": target.digest,
+        }
+        log_bytes = sum(delta.payload_bytes(self._index_bytes) for delta in log) + LOG_FRAMING
+        if log_bytes > self.workspace.checkpoint_bytes():
+            self.load_global_into(self.workspace)
+            tensors = self.workspace.checkpoint()
+        else:
+            tensors = encode_log(log, self.config.seed_pool_size)
+        if self.config.pro:
+            tensors[SEED_PROBABILITY] = self.probabilities().to(torch.float32)
+        return Instruction(round=round, tensors=tensors, settings=settings)
+
+    def probabilities(self) -> torch.Tensor:
+        return seed_probabilities(self.amplitude_sum / self.amplitude_count)
+
+    def update_specs(self) -> dict[str, TensorSpec]:
+        return {
+            SEED_INDEX: TensorSpec(shape=(None,), dtype=index_dtype(self.config.seed_pool_size)),
+            SCALAR_GRAD: TensorSpec(shape=(None,), dtype=torch.float32),
+        }
+
+    def validate_update(self, update: ClientUpdate, round: int) -> None:
+        super().validate_update(update, round)
+        origin = f"update from {update.client_id!r}"
+        index, value = update.tensors[SEED_INDEX], update.tensors[SCALAR_GRAD]
+        if index.numel() != value.numel():
+            raise InvalidUpdate(
+                f"{origin}: tensor {SEED_INDEX!r} has {index.numel()} entries but {SCALAR_GRAD!r} has {value.numel()}"
+            )
+        steps = self.context.train.local_steps
+        if index.numel() > steps:
+            raise InvalidUpdate(
+                f"{origin}: tensor {SEED_INDEX!r} holds {index.numel()} pairs, more than train.local_steps={steps}"
+            )
+        if index.numel() == 0:
+            return
+        size = self.config.seed_pool_size
+        if int(index.min()) < 0 or int(index.max()) >= size:
+            raise InvalidUpdate(f"{origin}: tensor {SEED_INDEX!r} holds an index outside [0, {size})")
+        if torch.unique(index).numel() != index.numel():
+            raise InvalidUpdate(f"{origin}: tensor {SEED_INDEX!r} repeats a seed index")
+
+    def aggregate(self, round: int, updates: Sequence[ClientUpdate]) -> None:
+        ordered = sorted(updates, key=lambda update: update.client_id)
+        size = self.config.seed_pool_size
+        dense = []
+        for update in ordered:
+            index = update.tensors[SEED_INDEX].to(torch.int64)
+            value = update.tensors[SCALAR_GRAD]
+            dense.append(torch.zeros(size, dtype=torch.float32).index_put_((index,), value))
+            self.synced[update.client_id] = len(self.history)
+            self.amplitude_sum.index_add_(0, index, value.abs().clamp(max=self.config.pro_clip).to(torch.float64))
+            self.amplitude_count.index_add_(0, index, torch.ones(index.numel(), dtype=torch.float64))
+        mean = weighted_mean(dense, [update.num_examples for update in ordered])
+        touched = torch.unique(torch.cat([update.tensors[SEED_INDEX].to(torch.int64) for update in ordered]))
+        self._append(RoundDelta(seed_index=touched, value=mean[touched]))
+
+    def _append(self, delta: RoundDelta) -> None:
+        self.history.append(delta)
+        self._chain.append(delta.next_version(self._chain[-1]))
+
+    def load_global_into(self, workspace: SeedWorkspace) -> None:
+        workspace.catch_up(GENESIS, self.history, self._chain[-1])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": [(delta.seed_index.clone(), delta.value.clone()) for delta in self.history],
+            "synced": dict(self.synced),
+            "amplitude_sum": self.amplitude_sum.clone(),
+            "amplitude_count": self.amplitude_count.clone(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.history, self._chain = [], [GENESIS]
+        for index, value in state["history"]:
+            self._append(RoundDelta(seed_index=index.clone(), value=value.clone()))
+        self.synced = dict(state["synced"])
+        self.amplitude_sum = state["amplitude_sum"].clone()
+        self.amplitude_count = state["amplitude_count"].clone()
+
+
+class FedKSeedClient(ClientStrategy[FedKSeedConfig]):
+    """Catches up by replay (or a checkpoint), runs τ zeroth-order steps, uploads (index, scalar) pairs.
+
+    Holds no state: which version a model holds is the workspace's business (one per process).
+    """
+
+    def synchronize(self, workspace: SeedWorkspace, instruction: Instruction) -> None:
+        """Make the workspace hold the instruction's target version."""
+        settings = instruction.settings
+        try:
+            base = Version(int(settings["base_version"]), str(settings["base_digest"]))
+            target = Version(int(settings["target_version"]), str(settings["target_digest"]))
+        except KeyError as missing:
+            raise InvalidInstruction(f"setting {missing.args[0]!r} is missing") from None
+        checkpoint = {name: t for name, t in instruction.tensors.items() if name.startswith(CHECKPOINT_PREFIX)}
+        if checkpoint:
+            workspace.load_checkpoint(checkpoint, target)
+        else:
+            workspace.catch_up(base, decode_log(instruction.tensors, self.config.seed_pool_size), target)
+
+    def seed_generator(self, round: int) -> torch.Generator:
+        """Which seeds a client draws is seeded per (run, client, round), like its batches."""
+        return torch.Generator().manual_seed(hash_seed(self.context.seed, self.client_id, round, "fedkseed-seeds"))
+
+    def draw_seeds(self, instruction: Instruction, steps: int, generator: torch.Generator) -> list[int]:
+        """τ seed indices: uniform, or FedKSeed-Pro's π when the instruction carries it."""
+        size = self.config.seed_pool_size
+        probability = instruction.tensors.get(SEED_PROBABILITY)
+        if probability is None:
+            return torch.randint(0, size, (steps,), generator=generator).tolist()
+        valid = (
+            probability.shape == (size,) and probability.dtype == torch.float32
+            and bool(torch.isfinite(probability).all()) and bool((probability >= 0).all())
+            and abs(float(probability.sum()) - 1) < 1e-3
+        )
+        if not valid:
+            raise InvalidInstruction(f"tensor {SEED_PROBABILITY!r}: expected {size} float32 probabilities summing to 1")
+        return torch.multinomial(probability, steps, replacement=True, generator=generator).tolist()
+
+    def fit(self, workspace: SeedWorkspace, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
+        self.synchronize(workspace, instruction)
+        train = self.context.train
+        batches = data.train_batches(train.local_steps, train.batch_size, self.batch_generator(instruction.round))
+        indices = self.draw_seeds(instruction, train.local_steps, self.seed_generator(instruction.round))
+        accumulated: dict[int, float] = {}
+        losses: list[float] = []
+        workspace.begin_local()
+        for index, batch in zip(indices, batches):
+            step = zeroth_order_step(
+                workspace.parameters, workspace.pool[index], self.config.eps, train.learning_rate,
+                lambda: batch_loss(workspace.model, batch), self.config.loss_diff_clip,
+            )
+            if step is not None:
+                accumulated[index] = accumulated.get(index, 0.0) + step.scalar_grad
+                losses.append(step.loss)
+        order = sorted(accumulated)
+        metrics = {"skipped_steps": float(train.local_steps - len(losses))}
+        if losses:
+            metrics["train_loss"] = sum(losses) / len(losses)
+        return ClientUpdate(
+            client_id=self.client_id,
+            round=instruction.round,
+            num_examples=len(data),
+            tensors={
+                SEED_INDEX: torch.tensor(order, dtype=index_dtype(self.config.seed_pool_size)),
+                SCALAR_GRAD: torch.tensor([accumulated[index] for index in order], dtype=torch.float32),
+            },
+            metrics=metrics,
+        )
+
+
+def build_workspace(bundle: ModelBundle, config: FedKSeedConfig, context: RunContext) -> SeedWorkspace:
+    return SeedWorkspace(bundle, config, context)
+
+
+DEFINITION = register(
+    StrategyDefinition(
+        name="fedkseed",
+        config=FedKSeedConfig,
+        server=FedKSeedServer,
+        client=FedKSeedClient,
+        build_workspace=build_workspace,
+        summary="FedKSeed(-Pro): full-parameter zeroth-order tuning; only (seed, scalar) pairs travel.",
+    )
+)
