@@ -1,8 +1,104 @@
-"""`fedclient`: not built yet (issue 3, the gRPC transport). Use `fedsim` for simulated federations."""
+"""`fedclient join --server HOST:PORT --data PATH [--token T] [--ca CA.pem | --insecure] [--model PATH]`:
+take part in a fedtune federation from this device, with its own data."""
 
+from __future__ import annotations
+
+import argparse
+import logging
 import sys
+import warnings
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from fedclient.connection import ConnectionSettings, FatalError
+
+MiB = 1 << 20
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("fedclient: the gRPC transport is not built yet; run simulated federations with 'fedsim run'.", file=sys.stderr)
-    return 2
+    parser = argparse.ArgumentParser(prog="fedclient", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    join = commands.add_parser("join", help="join a run and train until it ends")
+    join.add_argument("--server", required=True, help="HOST:PORT of the fedserver")
+    join.add_argument("--data", type=Path, required=True, help="this device's examples (jsonl/json/csv/tsv or a folder)")
+    join.add_argument("--token", help="enrollment token (from the server operator); remembered in the state file")
+    join.add_argument("--token-file", type=Path, help="read the token from this file instead")
+    join.add_argument("--ca", type=Path, help="the run's CA certificate (PEM), to verify the server")
+    join.add_argument("--insecure", action="store_true", help="plaintext gRPC (only for a server started --insecure)")
+    join.add_argument("--model", help="local base model directory, when the server's model.path is not valid here")
+    join.add_argument("--name", default="", help="client id to ask for on first registration (e.g. client-000)")
+    join.add_argument("--state", type=Path, help="local state file (default ~/.fedtune/client-HOST-PORT[-NAME].pt)")
+    join.add_argument("--compute-class", default="cpu", help="device class reported to the server (cpu, gpu, phone)")
+    join.add_argument("--memory-mb", type=int, default=0, help="usable memory reported to the server (0 = unknown)")
+    join.add_argument("--codecs", help="comma-separated update codecs this device offers (default: all it has)")
+    join.add_argument("--give-up-after", type=float, default=3600.0,
+                      help="seconds without reaching the server before giving up (default 3600)")
+    join.add_argument("--max-message-bytes", type=int, default=64 * MiB, help="largest gRPC message accepted")
+    join.add_argument("--quiet", action="store_true", help="no progress display")
+    args = parser.parse_args(argv)
+    if args.ca is not None and args.insecure:
+        parser.error("--ca and --insecure exclude each other")
+    token = args.token
+    if args.token_file is not None:
+        token = args.token_file.read_text().strip()
+    console = Console(stderr=True)
+    interactive = console.is_terminal and not args.quiet
+    logging.basicConfig(level=logging.INFO, format="%(message)s" if interactive else "%(asctime)s fedclient %(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)] if interactive else None)
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # raised inside peft
+
+    from fedclient.client import ClientSettings, FederatedClient, Reporter
+    from strategies.api import DeviceProfile
+    from strategies.codecs import SUPPORTED_CODECS
+
+    host_port = args.server.replace(":", "-")
+    state_file = args.state or Path.home() / ".fedtune" / f"client-{host_port}{'-' + args.name if args.name else ''}.pt"
+    codecs = tuple(c.strip() for c in args.codecs.split(",")) if args.codecs else SUPPORTED_CODECS
+    settings = ClientSettings(
+        connection=ConnectionSettings(server=args.server, token=token, ca=args.ca, insecure=args.insecure,
+                                      max_message_bytes=args.max_message_bytes, give_up_after_s=args.give_up_after),
+        data=args.data, state_file=state_file, name=args.name, model_path=args.model,
+        profile=DeviceProfile(memory_mb=args.memory_mb, compute_class=args.compute_class, codecs=codecs),
+    )
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console, disable=not interactive)
+
+    class RichReporter(Reporter):
+        def __init__(self) -> None:
+            self.task = progress.add_task("joining", total=None, detail="")
+
+        def status(self, text: str) -> None:
+            super().status(text)
+            progress.update(self.task, description=text)
+
+        def round_done(self, round: int, rounds: int) -> None:
+            progress.update(self.task, total=rounds, completed=round, detail=f"{round}/{rounds} rounds")
+
+        def transfer(self, what: str):
+            task = progress.add_task(what, total=None, detail="")
+
+            def update(sent: int, total: int) -> None:
+                progress.update(task, completed=sent, total=total, detail=f"{sent / MiB:.1f}/{total / MiB:.1f} MiB")
+                if sent >= total:
+                    progress.remove_task(task)
+            return update
+
+    try:
+        with progress:
+            client = FederatedClient(settings, RichReporter())
+            reason = client.run()
+    except FatalError as error:
+        print(f"fedclient: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fedclient: interrupted; run the same command to rejoin as the same client", file=sys.stderr)
+        return 130
+    print(f"fedclient: done ({reason}); client id {client.client_id}, state in {state_file}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,8 +1,220 @@
-"""`fedserver`: not built yet (issue 3, the gRPC transport). Use `fedsim` for simulated federations."""
+"""`fedserver`: run a federation for real devices over gRPC.
 
+  fedserver init   --run-dir DIR --clients N [--host NAME ...]   CA, server certificate, enrollment tokens
+  fedserver start  --config server.toml [--resume] [--insecure]   serve every round (same strategies as fedsim)
+  fedserver status --run-dir DIR [--json]                         the run's state, from its SQLite file
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
 import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from fedserver.config import ServerConfig, ServerConfigError, load_server_config, parse_server_config
+from fedserver.security import TlsFiles, create_tls, hash_token, new_token, write_tokens
+from fedserver.store import RunStore
+
+STATE_FILE = "state.sqlite"
+TOKENS_FILE = "enrollment-tokens.txt"
+
+
+class UsageError(Exception):
+    """A command that cannot run as given; the message says what to do instead."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("fedserver: the gRPC transport is not built yet; run simulated federations with 'fedsim run'.", file=sys.stderr)
-    return 2
+    parser = argparse.ArgumentParser(prog="fedserver", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    init = commands.add_parser("init", help="create the run's CA, server certificate and client enrollment tokens")
+    init.add_argument("--run-dir", type=Path, required=True)
+    init.add_argument("--clients", type=int, default=1, help="enrollment tokens to add (default 1)")
+    init.add_argument("--host", action="append", default=[],
+                      help="server name or IP for the certificate (repeatable; localhost and 127.0.0.1 always)")
+    init.add_argument("--tokens-out", type=Path, help=f"where plaintext tokens go (default RUN_DIR/{TOKENS_FILE})")
+    init.add_argument("--new-tls", action="store_true", help="replace an existing CA and server certificate")
+    start = commands.add_parser("start", help="serve a run (fresh, or --resume after a stop or crash)")
+    start.add_argument("--config", type=Path, help="server TOML (optional with --resume: the stored config is used)")
+    start.add_argument("--run-dir", type=Path, help="override server.run_dir")
+    start.add_argument("--port", type=int, help="override server.port (0 = any free port)")
+    start.add_argument("--host", help="override server.host")
+    start.add_argument("--insecure", action="store_true", help="plaintext gRPC, no TLS (local runs only)")
+    start.add_argument("--resume", action="store_true", help="continue the run in the run dir")
+    status = commands.add_parser("status", help="print the run's state")
+    status.add_argument("--run-dir", type=Path, required=True)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "init":
+            return _init(args)
+        if args.command == "status":
+            return _status(args)
+        return _start(args)
+    except (UsageError, ServerConfigError, FileNotFoundError) as error:
+        print(f"fedserver: {error}", file=sys.stderr)
+        return 2
+
+
+def _init(args: argparse.Namespace) -> int:
+    if args.clients < 0:
+        raise UsageError("--clients must be at least 0")
+    run_dir: Path = args.run_dir
+    tls = TlsFiles(run_dir / "tls")
+    if args.new_tls or not tls.ca_cert.exists():
+        create_tls(tls, [*args.host, "localhost", "127.0.0.1"], run_dir.name)
+        print(f"fedserver: CA and server certificate in {tls.directory} (clients need {tls.ca_cert})")
+    store = RunStore(run_dir / STATE_FILE)
+    first = store.token_count() + 1
+    tokens = [(f"token-{first + i:04d}", new_token()) for i in range(args.clients)]
+    store.add_tokens([(hash_token(token), label) for label, token in tokens])
+    store.close()
+    tokens_out = args.tokens_out or run_dir / TOKENS_FILE
+    write_tokens(tokens_out, tokens)
+    print(f"fedserver: {len(tokens)} enrollment token(s) added ({first + len(tokens) - 1} in all); plaintext in "
+          f"{tokens_out} (mode 0600): hand one to each device, then delete the file. The server keeps only hashes.")
+    return 0
+
+
+def _start_config(args: argparse.Namespace) -> ServerConfig:
+    overrides: dict[str, Any] = {}
+    if args.run_dir is not None:
+        overrides["run_dir"] = str(args.run_dir.resolve())
+    if args.port is not None:
+        overrides["port"] = args.port
+    if args.host is not None:
+        overrides["host"] = args.host
+    if args.insecure:
+        overrides["insecure"] = True
+    if args.config is not None:
+        return load_server_config(args.config, overrides)
+    if not args.resume:
+        raise UsageError("start: --config is required (it may be left out only with --resume)")
+    if args.run_dir is None:
+        raise UsageError("start --resume without --config needs --run-dir")
+    stored = _stored_config(args.run_dir / STATE_FILE)
+    raw = json.loads(stored.model_dump_json())
+    raw["server"] = {**raw["server"], **overrides}
+    return parse_server_config(raw, "stored config", None)
+
+
+def _stored_config(path: Path) -> ServerConfig:
+    if not path.exists():
+        raise UsageError(f"{path.parent}: no run state here (nothing to resume)")
+    store = RunStore(path, readonly=True)
+    raw = store.get_meta("config")
+    store.close()
+    if raw is None:
+        raise UsageError(f"{path.parent}: no run was started here (nothing to resume); start one without --resume")
+    return ServerConfig.model_validate_json(raw)
+
+
+def _start(args: argparse.Namespace) -> int:
+    config = _start_config(args)
+    run_dir = config.run_dir()
+    state = run_dir / STATE_FILE
+    if not state.exists():
+        raise UsageError(f"{run_dir}: no enrollment tokens; run `fedserver init --run-dir {run_dir} --clients N` first")
+    if args.resume:
+        stored = _stored_config(state)
+        differing = stored.differing_run_fields(config)
+        if differing:
+            raise UsageError(f"--resume: the config's {', '.join(differing)} differ from the interrupted run's; "
+                             "a resumed run must keep them")
+    store = RunStore(state)
+    try:
+        if store.token_count() == 0:
+            raise UsageError(f"{run_dir}: no enrollment tokens; run `fedserver init --run-dir {run_dir} --clients N`")
+        run_id, status = store.get_meta("run_id"), store.get_meta("status")
+        if args.resume and status == "finished":
+            print(f"fedserver: run {run_id} already finished ({store.get_meta('finish_reason')})")
+            return 0
+        if not args.resume and run_id is not None:
+            raise UsageError(f"{run_dir} already holds run {run_id} ({status}); continue it with --resume or use "
+                             "a new run dir")
+        _configure_logging()
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # raised inside peft
+        from fedserver.service import serve
+
+        reason = asyncio.run(serve(config, store, args.resume, lambda line: print(f"fedserver: {line}", flush=True)))
+    finally:
+        store.close()
+    print(f"fedserver: {reason}; metrics in {run_dir / 'metrics.jsonl'}, global model in {run_dir / 'global'}",
+          flush=True)
+    return 0
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s fedserver %(levelname)s %(message)s",
+                        stream=sys.stderr)
+
+
+def status_report(run_dir: Path) -> dict[str, Any]:
+    """The run's state as stored (client activity is flushed every few seconds)."""
+    store = RunStore(run_dir / STATE_FILE, readonly=True)
+    try:
+        raw = store.get_meta("config")
+        config = ServerConfig.model_validate_json(raw) if raw else None
+        rounds = store.rounds()
+        running = next((r for r in rounds if r.status == "running"), None)
+        now = time.time()
+        return {
+            "run_id": store.get_meta("run_id"),
+            "status": store.get_meta("status") or "not started",
+            "finish_reason": store.get_meta("finish_reason"),
+            "strategy": config.strategy if config else None,
+            "rounds_planned": config.rounds if config else None,
+            "rounds_done": sum(r.status == "done" for r in rounds),
+            "current_round": None if running is None else {
+                "round": running.round, "selected": running.selected,
+                "accepted": store.accepted_count(running.round),
+                "deadline_in_s": round(running.deadline - now, 1),
+            },
+            "last_metrics": next((r.metrics for r in reversed(rounds) if r.metrics), None),
+            "clients": [{"client_id": c.client_id, "seen_s_ago": round(now - c.last_seen, 1), "activity": c.activity,
+                         "rounds_done": c.rounds_done, "left": c.left_reason, "compute_class": c.profile.compute_class}
+                        for c in store.clients()],
+            "tokens": store.token_count(),
+        }
+    finally:
+        store.close()
+
+
+def _status(args: argparse.Namespace) -> int:
+    if not (args.run_dir / STATE_FILE).exists():
+        raise UsageError(f"{args.run_dir}: no run state here")
+    report = status_report(args.run_dir)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]run[/] {report['run_id'] or '-'}  [bold]{report['status']}[/]"
+                  + (f" ({report['finish_reason']})" if report["finish_reason"] else ""))
+    console.print(f"strategy {report['strategy']}, rounds {report['rounds_done']} of {report['rounds_planned']} done, "
+                  f"{len(report['clients'])} clients, {report['tokens']} tokens")
+    current = report["current_round"]
+    if current:
+        console.print(f"round {current['round']} in progress: {current['accepted']} of {len(current['selected'])} "
+                      f"updates accepted, deadline in {current['deadline_in_s']} s")
+    if report["last_metrics"]:
+        metrics = report["last_metrics"]
+        console.print("last round: " + ", ".join(f"{k} {v}" for k, v in metrics.items() if v is not None))
+    table = Table("client", "last seen", "activity", "rounds", "left")
+    for client in report["clients"]:
+        table.add_row(client["client_id"], f"{client['seen_s_ago']} s ago", client["activity"],
+                      str(client["rounds_done"]), client["left"] or "")
+    console.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

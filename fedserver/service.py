@@ -1,0 +1,260 @@
+"""The gRPC face of the coordinator (grpc.aio): authentication, message checks, payload streams, statuses.
+
+Requests are parsed here rather than by gRPC, so a message that is not valid protobuf gets
+INVALID_ARGUMENT naming the message type instead of gRPC's generic INTERNAL. Every refusal becomes
+the status the .proto documents; anything unexpected is logged and answered with INTERNAL, and
+the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from fedserver.config import ServerConfig
+from fedserver.coordinator import Coordinator, Refusal
+from fedserver.security import TlsFiles, hash_token
+from fedserver.store import RunStore
+from protos import fedtune_pb2 as pb
+from protos.payload import (
+    AUTH_METADATA_KEY,
+    PROTOCOL_VERSION,
+    PayloadError,
+    PayloadReader,
+    instruction_messages,
+    update_from_stream,
+)
+from strategies.api import DeviceProfile
+
+log = logging.getLogger(__name__)
+SERVICE = "fedtune.v1.Federation"
+
+
+class Malformed:
+    """Stands in for a request that did not parse, so the handler can answer INVALID_ARGUMENT."""
+
+    def __init__(self, message_type: type[Message], error: Exception):
+        self.message_type = message_type
+        self.error = error
+
+    def refusal(self) -> Refusal:
+        return Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"{self.message_type.__name__}: not a valid protobuf message ({self.error})")
+
+
+def _lenient(message_type: type[Message]) -> Callable[[bytes], Any]:
+    def parse(raw: bytes) -> Any:
+        try:
+            return message_type.FromString(raw)
+        except DecodeError as error:
+            return Malformed(message_type, error)
+    return parse
+
+
+def _parsed(request: Any) -> Any:
+    if isinstance(request, Malformed):
+        raise request.refusal()
+    return request
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
+    if isinstance(error, (Refusal, PayloadError)):
+        log.info("refused %s: %s", error.code.name, error)
+        await context.abort(error.code, str(error))
+    log.exception("internal error", exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (see the server log): {type(error).__name__}: {error}")
+
+
+def _unary(handler):
+    @functools.wraps(handler)
+    async def wrapped(self, request, context):
+        try:
+            return await handler(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as error:  # noqa: BLE001 - every failure becomes a status; the server goes on
+            await _abort(context, error)
+    return wrapped
+
+
+def _streaming(handler):
+    @functools.wraps(handler)
+    async def wrapped(self, request, context):
+        try:
+            async for message in handler(self, request, context):
+                yield message
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as error:  # noqa: BLE001
+            await _abort(context, error)
+    return wrapped
+
+
+class FederationService:
+    def __init__(self, coordinator: Coordinator, config: ServerConfig):
+        self.coordinator = coordinator
+        self.config = config
+        self.limits = config.limits
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        def unary(function, request_type, reply_type):
+            return grpc.unary_unary_rpc_method_handler(
+                function, request_deserializer=_lenient(request_type), response_serializer=reply_type.SerializeToString)
+
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Register": unary(self.register, pb.RegisterRequest, pb.RegisterReply),
+            "Heartbeat": unary(self.heartbeat, pb.HeartbeatRequest, pb.HeartbeatReply),
+            "Leave": unary(self.leave, pb.LeaveRequest, pb.LeaveReply),
+            "PullInstruction": grpc.unary_stream_rpc_method_handler(
+                self.pull_instruction, request_deserializer=_lenient(pb.PullRequest),
+                response_serializer=pb.InstructionMessage.SerializeToString),
+            "PushUpdate": grpc.stream_unary_rpc_method_handler(
+                self.push_update, request_deserializer=_lenient(pb.UpdateMessage),
+                response_serializer=pb.PushReply.SerializeToString),
+        })
+
+    @staticmethod
+    def _token_hash(context: grpc.aio.ServicerContext) -> str:
+        value = dict(context.invocation_metadata() or ()).get(AUTH_METADATA_KEY, "")
+        if not value.startswith("Bearer ") or not value[7:].strip():
+            raise Refusal(grpc.StatusCode.UNAUTHENTICATED,
+                          f"missing metadata `{AUTH_METADATA_KEY}: Bearer <enrollment token>`")
+        return hash_token(value[7:].strip())
+
+    async def _client(self, context: grpc.aio.ServicerContext) -> str:
+        return await self.coordinator.registered_client(self._token_hash(context))
+
+    @_unary
+    async def register(self, request, context) -> pb.RegisterReply:
+        token_hash = self._token_hash(context)
+        request = _parsed(request)
+        if request.protocol_version != PROTOCOL_VERSION:
+            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"RegisterRequest.protocol_version: {request.protocol_version} is not supported; this "
+                          f"server speaks {PROTOCOL_VERSION}")
+        try:
+            profile = DeviceProfile(memory_mb=max(request.profile.memory_mb, 0),
+                                    compute_class=request.profile.compute_class or "cpu",
+                                    codecs=tuple(request.profile.codecs) or ("none",))
+        except ValueError as error:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"RegisterRequest.profile: {error}") from error
+        client_id = await self.coordinator.register(token_hash, request.name, profile)
+        server = self.config.server
+        return pb.RegisterReply(
+            client_id=client_id, run_id=self.coordinator.run_id,
+            run_spec_json=self.config.run_spec().model_dump_json(), limits=self.limits.to_proto(),
+            heartbeat_interval_ms=int(server.heartbeat_interval_s * 1000), long_poll_ms=int(server.long_poll_s * 1000),
+            current_round=self.coordinator.view.round,
+        )
+
+    @_unary
+    async def heartbeat(self, request, context) -> pb.HeartbeatReply:
+        client_id = await self._client(context)
+        request = _parsed(request)
+        return self.coordinator.heartbeat(client_id, request.activity[:64])
+
+    @_unary
+    async def leave(self, request, context) -> pb.LeaveReply:
+        client_id = await self._client(context)
+        await self.coordinator.leave(client_id, _parsed(request).reason[:200])
+        return pb.LeaveReply()
+
+    @_streaming
+    async def pull_instruction(self, request, context) -> AsyncIterator[pb.InstructionMessage]:
+        client_id = await self._client(context)
+        request = _parsed(request)
+        wait_s = max(request.wait_ms, 0) / 1000
+        status, instruction = await self.coordinator.pull(client_id, wait_s)
+        yield pb.InstructionMessage(status=status)
+        if instruction is None:
+            return
+        wire_bytes = 0
+        for message in instruction_messages(instruction, self.limits.chunk_bytes):
+            wire_bytes += message.ByteSize()
+            yield message
+        await self.coordinator.instruction_sent(client_id, status.round, wire_bytes)
+
+    @_unary
+    async def push_update(self, request_iterator, context) -> pb.PushReply:
+        client_id = await self._client(context)
+        reader = PayloadReader("ClientUpdate", self.limits, self.limits.max_update_bytes)
+        wire_bytes = 0
+        async for message in request_iterator:
+            message = _parsed(message)
+            wire_bytes += message.ByteSize()
+            reader.feed(message)
+            if reader.header is not None and reader.received == 0 and message.WhichOneof("part") == "header":
+                self._check_header(client_id, reader.header)
+        if reader.header is None:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "PushUpdate: empty stream (no header)")
+        update = update_from_stream(reader)
+        await self.coordinator.submit(client_id, update, wire_bytes)
+        return pb.PushReply(round=update.round, payload_bytes=reader.received)
+
+    def _check_header(self, client_id: str, header: pb.ClientUpdate) -> None:
+        if header.client_id != client_id:
+            raise Refusal(grpc.StatusCode.PERMISSION_DENIED,
+                          f"ClientUpdate.client_id: {header.client_id!r} is not this client's id {client_id!r}")
+        if header.num_examples < 1:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"ClientUpdate.num_examples: {header.num_examples}, must be at least 1")
+        self.coordinator.check_upload(client_id, header.round)
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    return config.limits.channel_options() + [
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials:
+    tls = TlsFiles(config.run_dir() / "tls")
+    cert = Path(config.server.tls_cert) if config.server.tls_cert else tls.server_cert
+    key = Path(config.server.tls_key) if config.server.tls_key else tls.server_key
+    for path, what in ((cert, "server.tls_cert"), (key, "server.tls_key")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{what}: {path} does not exist; run `fedserver init` or pass --insecure")
+    return grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+
+
+async def serve(config: ServerConfig, store: RunStore, resume: bool, announce: Callable[[str], None]) -> str:
+    """Build the run, listen, run every round, linger, stop. Returns why the run ended."""
+    coordinator = Coordinator(config, store)
+    await coordinator.prepare(resume)
+    server = grpc.aio.server(options=server_options(config))
+    server.add_generic_rpc_handlers((FederationService(coordinator, config).handler(),))
+    address = f"{config.server.host}:{config.server.port}"
+    if config.server.insecure:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, _credentials(config))
+    if port == 0:
+        raise OSError(f"server.port: cannot listen on {address}")
+    endpoint = config.run_dir() / "endpoint.json"
+    endpoint.write_text(json.dumps({"host": config.server.host, "port": port, "pid": os.getpid(),
+                                    "tls": not config.server.insecure, "run_id": coordinator.run_id}))
+    await server.start()
+    announce(f"listening on {config.server.host}:{port} ({'plaintext, --insecure' if config.server.insecure else 'TLS'}), "
+             f"run {coordinator.run_id[:8]}, {config.strategy}, round {coordinator.next_round} of {config.rounds}")
+    run = asyncio.ensure_future(coordinator.run())
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, run.cancel)
+    try:
+        return await run
+    except asyncio.CancelledError:
+        return "stopped by signal; continue with `fedserver start --resume`"
+    finally:
+        await server.stop(grace=1.0)
