@@ -17,7 +17,7 @@ from fedserver.engine import RoundEngine
 from fedserver.metrics import MetricsLog, RoundMetrics
 from protos.convert import instruction_from_proto, instruction_to_proto, update_from_proto, update_to_proto
 from simulations.channel import Channel
-from simulations.config import SimulationConfig
+from simulations.config import ConfigError, SimulationConfig
 from strategies.api import ClientStrategy, InvalidUpdate, RunContext, ServerStrategy, Workspace
 from strategies.registry import resolve
 from tasks.data import FederatedData, prepare_federated_data
@@ -47,6 +47,11 @@ def build_federation(config: SimulationConfig) -> Federation:
     server = definition.server(strategy_config, context)
     server.initialize(workspace)
     clients = {cid: definition.client(strategy_config, context, cid) for cid in data.clients}
+    for client_id in clients:
+        server.on_client_registered(client_id, config.device_profile(client_id))
+    unknown = sorted(set(config.devices) - set(clients))
+    if unknown:
+        raise ConfigError(f"devices: unknown client id(s) {unknown}; this run's clients are {sorted(clients)}")
     return Federation(config, workspace, server, clients, data)
 
 
