@@ -28,8 +28,12 @@ Every floating-point parameter of the plain transformers model is trained (no pe
   parameters), each plus its tensors' names and about 32 bytes of protobuf framing per tensor, and sends the
   checkpoint instead of the log only when it is smaller. For a real LLM that never happens (a
   7B checkpoint is 28 GB, a version ≤ 16 KB); for tiny models it does after some rounds. Each version carries a chained digest, so a model that holds
-  another history is detected, never silently extended. FedKSeed-Pro (§3.6) adds K float32
-  sampling probabilities.
+  another history is detected, never silently extended. FedKSeed-Pro (§3.6) adds the K min-max
+  normalised amplitudes quantised to uint8 levels (4 KB for K = 4096, not 16 KB of float32 π);
+  clients take the softmax themselves, and the rounding moves any π_j by a factor of at most e^(1/255).
+  The server's amplitude history records each uploaded scalar, i.e. one client's sum over the
+  steps that drew that seed in a round (the reference records every step; the same when a seed is
+  drawn at most once per client and round, the usual case for τ ≪ K).
 - One workspace per process (fedsim shares it between the server and every virtual client): it
   knows which version its model holds, and keeps one snapshot of that version while local steps
   run, so any client, or the server, gets the exact synced model back. Memory is at most two
@@ -72,7 +76,8 @@ from tasks.models import ModelBundle, load_model
 
 SEED_INDEX = "seed_index"
 SCALAR_GRAD = "scalar_grad"
-SEED_PROBABILITY = "seed_probability"
+SEED_LEVEL = "seed_level"
+PRO_LEVELS = 255
 LOG_SIZES = "log_sizes"
 LOG_INDEX = "log_seed_index"
 LOG_VALUE = "log_value"
@@ -165,12 +170,16 @@ def batch_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> float:
     return float(model(**batch).loss.float())
 
 
-def seed_probabilities(amplitudes: torch.Tensor) -> torch.Tensor:
-    """FedKSeed-Pro π (algorithms.md §3.6): softmax of min-max normalised mean |g|, in float64.
-    Since the normalised values lie in [0, 1], max π / min π ≤ e."""
+def amplitude_levels(amplitudes: torch.Tensor) -> torch.Tensor:
+    """FedKSeed-Pro's min-max normalised mean |g| (algorithms.md §3.6), as uint8 levels 0..255."""
     amplitudes = amplitudes.to(torch.float64)
     normalised = (amplitudes - amplitudes.min()) / (amplitudes.max() - amplitudes.min() + 1e-10)
-    return torch.softmax(normalised, dim=0)
+    return torch.round(normalised * PRO_LEVELS).to(torch.uint8)
+
+
+def seed_probabilities(levels: torch.Tensor) -> torch.Tensor:
+    """π = softmax(levels / 255) in float64; the normalised values lie in [0, 1], so max π / min π ≤ e."""
+    return torch.softmax(levels.to(torch.float64) / PRO_LEVELS, dim=0)
 
 
 @dataclass(frozen=True)
@@ -417,11 +426,11 @@ class FedKSeedServer(ServerStrategy[FedKSeedConfig]):
         else:
             tensors = encode_log(log, self.config.seed_pool_size)
         if self.config.pro:
-            tensors[SEED_PROBABILITY] = self.probabilities().to(torch.float32)
+            tensors[SEED_LEVEL] = self.amplitude_levels()
         return Instruction(round=round, tensors=tensors, settings=settings)
 
-    def probabilities(self) -> torch.Tensor:
-        return seed_probabilities(self.amplitude_sum / self.amplitude_count)
+    def amplitude_levels(self) -> torch.Tensor:
+        return amplitude_levels(self.amplitude_sum / self.amplitude_count)
 
     def update_specs(self) -> dict[str, TensorSpec]:
         return {
@@ -514,19 +523,14 @@ class FedKSeedClient(ClientStrategy[FedKSeedConfig]):
         return torch.Generator().manual_seed(hash_seed(self.context.seed, self.client_id, round, "fedkseed-seeds"))
 
     def draw_seeds(self, instruction: Instruction, steps: int, generator: torch.Generator) -> list[int]:
-        """τ seed indices: uniform, or FedKSeed-Pro's π when the instruction carries it."""
+        """τ seed indices: uniform, or FedKSeed-Pro's π when the instruction carries the levels."""
         size = self.config.seed_pool_size
-        probability = instruction.tensors.get(SEED_PROBABILITY)
-        if probability is None:
+        levels = instruction.tensors.get(SEED_LEVEL)
+        if levels is None:
             return torch.randint(0, size, (steps,), generator=generator).tolist()
-        valid = (
-            probability.shape == (size,) and probability.dtype == torch.float32
-            and bool(torch.isfinite(probability).all()) and bool((probability >= 0).all())
-            and abs(float(probability.sum()) - 1) < 1e-3
-        )
-        if not valid:
-            raise InvalidInstruction(f"tensor {SEED_PROBABILITY!r}: expected {size} float32 probabilities summing to 1")
-        return torch.multinomial(probability, steps, replacement=True, generator=generator).tolist()
+        if levels.shape != (size,) or levels.dtype != torch.uint8:
+            raise InvalidInstruction(f"tensor {SEED_LEVEL!r}: expected {size} uint8 levels, got {levels.dtype} {tuple(levels.shape)}")
+        return torch.multinomial(seed_probabilities(levels), steps, replacement=True, generator=generator).tolist()
 
     def fit(self, workspace: SeedWorkspace, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
         self.synchronize(workspace, instruction)

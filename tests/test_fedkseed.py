@@ -22,12 +22,13 @@ from strategies.fedkseed import (
     LOG_INDEX,
     SCALAR_GRAD,
     SEED_INDEX,
-    SEED_PROBABILITY,
+    SEED_LEVEL,
     FedKSeedClient,
     FedKSeedConfig,
     FedKSeedServer,
     RoundDelta,
     SeedWorkspace,
+    amplitude_levels,
     encode_log,
     perturbation,
     seed_probabilities,
@@ -309,11 +310,15 @@ def test_index_dtype_is_part_of_the_spec(federation, good_update):
 def test_pro_probabilities():
     generator = torch.Generator().manual_seed(0)
     amplitudes = torch.rand(4096, generator=generator, dtype=torch.float64) * 50
-    pi = seed_probabilities(amplitudes)
+    levels = amplitude_levels(amplitudes)
+    assert int(levels.min()) == 0 and int(levels.max()) == 255
+    pi = seed_probabilities(levels)
     assert abs(float(pi.sum()) - 1) < 1e-9
     assert float(pi.max() / pi.min()) <= math.e * (1 + 1e-12)
-    assert int(pi.argmax()) == int(amplitudes.argmax())
-    uniform = seed_probabilities(torch.full((4096,), 3.0, dtype=torch.float64))
+    assert int(pi.argmax()) in torch.nonzero(levels == 255).flatten().tolist()
+    exact = torch.softmax((amplitudes - amplitudes.min()) / (amplitudes.max() - amplitudes.min()), dim=0)
+    assert float((pi / exact).log().abs().max()) <= 1 / 255 + 1e-12  # rounding: ±1/510 in each exponent and in the sum
+    uniform = seed_probabilities(amplitude_levels(torch.full((4096,), 3.0, dtype=torch.float64)))
     torch.testing.assert_close(uniform, torch.full((4096,), 1 / 4096, dtype=torch.float64), rtol=1e-12, atol=0)
 
 
@@ -321,24 +326,25 @@ def test_pro_server_favours_seeds_with_large_gradients_and_clients_sample_from_p
     federation = build_federation(tiny_config(strategy="fedkseed", options={"pro": True, "seed_pool_size": 64}))
     server, workspace = federation.server, federation.workspace
     first = server.instruction(1, "client-000")
-    torch.testing.assert_close(first.tensors[SEED_PROBABILITY], torch.full((64,), 1 / 64))
+    assert first.tensors[SEED_LEVEL].tolist() == [0] * 64  # equal histories: uniform
     updates = [
         client.fit(workspace, server.instruction(1, cid), federation.data.clients[cid])
         for cid, client in federation.clients.items()
     ]
     server.aggregate(1, updates)
-    pi = server.instruction(2, "client-000").tensors[SEED_PROBABILITY]
-    assert abs(float(pi.sum()) - 1) < 1e-6
-    seen = torch.unique(torch.cat([u.tensors[SEED_INDEX].long() for u in updates]))
-    strongest = max(((abs(float(v)), int(i)) for u in updates for i, v in zip(u.tensors[SEED_INDEX], u.tensors[SCALAR_GRAD])))
-    assert int(pi.argmax()) in seen.tolist() and float(pi[strongest[1]]) > 1 / 64
-    second = federation.clients["client-000"]
+    levels = server.instruction(2, "client-000").tensors[SEED_LEVEL]
+    pairs = [(abs(float(v)), int(i)) for u in updates for i, v in zip(u.tensors[SEED_INDEX], u.tensors[SCALAR_GRAD])]
+    strongest = max(pairs)[1]
+    assert int(levels[strongest]) == 255
+    assert all(level == 0 for index, level in enumerate(levels.tolist()) if index not in {i for _, i in pairs})
+    client = federation.clients["client-000"]
     skewed = server.instruction(2, "client-000")
-    skewed = skewed.model_copy(update={"tensors": {**skewed.tensors, SEED_PROBABILITY: torch.eye(64)[5]}})
-    assert set(second.draw_seeds(skewed, 20, second.seed_generator(2))) == {5}
-    broken = skewed.model_copy(update={"tensors": {**skewed.tensors, SEED_PROBABILITY: torch.ones(64)}})
-    with pytest.raises(InvalidInstruction, match="seed_probability"):
-        second.draw_seeds(broken, 20, second.seed_generator(2))
+    drawn = client.draw_seeds(skewed, 2000, client.seed_generator(2))
+    uniform_share = 2000 / 64
+    assert drawn.count(strongest) > 1.3 * uniform_share  # level 255 weighs up to e times a level-0 seed
+    broken = skewed.model_copy(update={"tensors": {**skewed.tensors, SEED_LEVEL: torch.ones(64)}})
+    with pytest.raises(InvalidInstruction, match="seed_level"):
+        client.draw_seeds(broken, 20, client.seed_generator(2))
 
 
 def test_far_behind_client_gets_the_checkpoint_when_it_is_fewer_bytes():
