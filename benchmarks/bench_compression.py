@@ -1,6 +1,6 @@
 """Compressed updates: bytes on the wire vs accuracy, and codec throughput.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_compression.py [--rounds 10] [--local-steps 5]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_compression.py [--rounds 8] [--local-steps 5]
 
 Part 1, throughput: encode and decode speed of every codec in MB of fp32 input per second, on the
 tensors of the MiniLM LoRA adapter (24 small tensors + the head) and on one 4M-element tensor (the
@@ -61,7 +61,7 @@ def run_config(compression: dict[str, Any] | None, args: argparse.Namespace) -> 
         "data": {"train": str(args.data / "train.tsv"), "eval": str(args.data / "test.tsv"),
                  "max_train_examples": args.train_examples, "max_eval_examples": 872},
         "partition": {"scheme": "dirichlet", "field": "label", "num_clients": 10, "alpha": 0.5},
-        "train": {"local_steps": args.local_steps, "batch_size": 16, "learning_rate": args.lr},
+        "train": {"local_steps": args.local_steps, "batch_size": args.batch_size, "learning_rate": args.lr},
         "options": {"target_modules": ["query", "value"]},
         "compression": compression,
     })
@@ -142,8 +142,9 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--train-examples", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)

@@ -20,8 +20,8 @@ its `[devices]` section says otherwise. The chosen codec and its non-default par
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -106,6 +106,15 @@ def compress_with_feedback(delta: torch.Tensor, residual: torch.Tensor | None, c
     return blob, target - decode(blob, name=name).to(torch.float32)
 
 
+@dataclass(frozen=True)
+class Sent:
+    """What the server told one client in one round: the codec and the tensors its delta is taken against."""
+
+    round: int
+    codec: str
+    tensors: TensorMap
+
+
 def _shape_matches(spec: TensorSpec, shape: torch.Size) -> bool:
     return len(spec.shape) == len(shape) and all(want is None or want == got for want, got in zip(spec.shape, shape))
 
@@ -117,7 +126,7 @@ class CompressionServer(ServerWrapper):
         super().__init__(inner)
         self.compression = config
         self.profiles: dict[str, DeviceProfile] = {}
-        self._bases: dict[str, tuple[int, TensorMap]] = {}
+        self._sent: dict[str, Sent] = {}
         self._decoded: dict[str, tuple[ClientUpdate, ClientUpdate]] = {}
 
     def on_client_registered(self, client_id: str, profile: DeviceProfile) -> None:
@@ -152,11 +161,11 @@ class CompressionServer(ServerWrapper):
             else:
                 tensors[name + ENCODED_SUFFIX] = encode(downlink, tensor, downlink_params, name=name)
                 base[name] = decode(tensors[name + ENCODED_SUFFIX], name=name)
-        self._bases[client_id] = (round, base)
         codec = CodecSettings(
             codec=self.codec_for(client_id), error_feedback=self.compression.error_feedback,
             **self.compression.codec_params().model_dump(),
         )
+        self._sent[client_id] = Sent(round=round, codec=codec.codec, tensors=base)
         return Instruction(round=round, tensors=tensors, settings={**inner.settings, **codec.to_settings()})
 
     def update_specs(self) -> dict[str, TensorSpec]:
@@ -170,21 +179,22 @@ class CompressionServer(ServerWrapper):
                 specs[name] = spec
         return specs
 
-    def _base_for(self, client_id: str, round: int) -> TensorMap:
-        """What `client_id` was sent this round (re-derived if this server did not send it, e.g. after a restart)."""
-        if self._bases.get(client_id, (None,))[0] != round:
+    def _sent_to(self, client_id: str, round: int) -> Sent:
+        """What `client_id` was told this round (re-derived if this server did not tell it, e.g. after a restart)."""
+        sent = self._sent.get(client_id)
+        if sent is None or sent.round != round:
             self.instruction(round, client_id)
-        return self._bases[client_id][1]
+        return self._sent[client_id]
 
     def decode_update(self, update: ClientUpdate, round: int) -> ClientUpdate:
         """The update with full tensors (sent tensor + decoded delta); InvalidUpdate naming the tensor."""
-        if self.codec_for(update.client_id) == "none":
-            return update
         origin = f"update from {update.client_id!r}"
         if update.round != round:
             raise InvalidUpdate(f"{origin}: round {update.round} is not the current round {round}")
+        sent = self._sent_to(update.client_id, round)
+        if sent.codec == "none":
+            return update
         check_tensors(update.tensors, self.update_specs(), origin)
-        base = self._base_for(update.client_id, round)
         tensors: TensorMap = {}
         for name, spec in self.inner.update_specs().items():
             if not spec.dtype.is_floating_point:
@@ -194,10 +204,10 @@ class CompressionServer(ServerWrapper):
                 delta = decode(update.tensors[name + ENCODED_SUFFIX], name=name).to(torch.float32)
             except CodecError as error:
                 raise InvalidUpdate(f"{origin}: {error}") from error
-            sent = base.get(name)
-            if not _shape_matches(spec, delta.shape) or (sent is not None and sent.shape != delta.shape):
+            base = sent.tensors.get(name)
+            if not _shape_matches(spec, delta.shape) or (base is not None and base.shape != delta.shape):
                 raise InvalidUpdate(f"{origin}: tensor {name!r} decodes to shape {tuple(delta.shape)}, expected {spec.shape}")
-            tensors[name] = (delta if sent is None else sent.to(torch.float32) + delta).to(spec.dtype)
+            tensors[name] = (delta if base is None else base.to(torch.float32) + delta).to(spec.dtype)
         return update.model_copy(update={"tensors": tensors})
 
     def validate_update(self, update: ClientUpdate, round: int) -> None:
@@ -212,7 +222,7 @@ class CompressionServer(ServerWrapper):
             decoded.append(cached[1] if cached is not None and cached[0] is update else self.decode_update(update, round))
         self.inner.aggregate(round, decoded)
         self._decoded.clear()
-        self._bases.clear()
+        self._sent.clear()
 
     def state_dict(self) -> dict[str, Any]:
         profiles = {cid: profile.model_dump(mode="json") for cid, profile in self.profiles.items()}
@@ -221,7 +231,7 @@ class CompressionServer(ServerWrapper):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.profiles = {cid: DeviceProfile.model_validate(p) for cid, p in state["profiles"].items()}
-        self._bases.clear()
+        self._sent.clear()
         self._decoded.clear()
 
 
@@ -283,7 +293,7 @@ def wrap(definition: StrategyDefinition, config: Config) -> StrategyDefinition:
     def client(strategy_config: Any, context: RunContext, client_id: str) -> CompressionClient:
         return CompressionClient(definition.client(strategy_config, context, client_id))
 
-    return dataclasses.replace(
+    return replace(
         definition, server=server, client=client,
         summary=f"{definition.summary} Updates compressed with {config.codec} (negotiated per client).",
     )
