@@ -9,8 +9,10 @@ reset every round, as the reference frameworks do), upload every adapter (+ head
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from torch import nn
 
 from strategies.api import (
     ClientStrategy,
@@ -69,16 +71,26 @@ class FedAvgLoraServer(ServerStrategy[FedAvgLoraConfig]):
         self.global_tensors = {name: t.clone() for name, t in state["global_tensors"].items()}
 
 
+LocalTrainer = Callable[[nn.Module, list[nn.Parameter], TokenDataset, int], float]
+"""(model, trainable parameters, local data, round) -> mean training loss."""
+
+
 class FedAvgLoraClient(ClientStrategy[FedAvgLoraConfig]):
     """Loads the instruction's tensors, trains exactly those, and sends them back."""
+
+    # Replaces the plain local loop when set (strategies.dp puts opacus DP-SGD here).
+    local_trainer: LocalTrainer | None = None
 
     def fit(self, workspace: LoraWorkspace, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
         workspace.set_tensors(instruction.tensors)
         names = list(instruction.tensors)
         train = self.context.train
         with self.seeded(instruction.round):
-            batches = data.train_batches(train.local_steps, train.batch_size, self.batch_generator(instruction.round))
-            loss = train_steps(workspace.model, workspace.parameters_for(names), batches, train)
+            if self.local_trainer is not None:
+                loss = self.local_trainer(workspace.model, workspace.parameters_for(names), data, instruction.round)
+            else:
+                batches = data.train_batches(train.local_steps, train.batch_size, self.batch_generator(instruction.round))
+                loss = train_steps(workspace.model, workspace.parameters_for(names), batches, train)
         return ClientUpdate(
             client_id=self.client_id,
             round=instruction.round,
