@@ -107,7 +107,7 @@ def test_replay_is_bit_identical_in_two_separate_processes():
     assert untouched.digest() != here  # the replay did move the weights
 
 
-def run_round(server, clients, workspaces, datasets, round, participants):
+def play_round(server, clients, workspaces, datasets, round, participants):
     updates = []
     for client_id in participants:
         instruction = server.instruction(round, client_id)
@@ -130,9 +130,9 @@ def test_skipped_client_catches_up_to_the_same_weights_by_replay():
     clients = {cid: FedKSeedClient(config, ctx, cid) for cid in workspaces}
     data = ops_data(server_space.tokenizer)
     datasets = {"a": data, "b": data}
-    run_round(server, clients, workspaces, datasets, 1, ["a", "b"])
-    run_round(server, clients, workspaces, datasets, 2, ["a"])
-    run_round(server, clients, workspaces, datasets, 3, ["a"])
+    play_round(server, clients, workspaces, datasets, 1, ["a", "b"])
+    play_round(server, clients, workspaces, datasets, 2, ["a"])
+    play_round(server, clients, workspaces, datasets, 3, ["a"])
 
     behind, current = server.instruction(4, "b"), server.instruction(4, "a")
     assert behind.settings["base_version"] == 0 and current.settings["base_version"] == 2
