@@ -27,6 +27,9 @@ class SimulationConfig(TaskConfig):
     options: dict[str, Any] = Field(default_factory=dict, description="The strategy's own config.")
     rounds: int = Field(10, ge=1)
     seed: int = Field(0, ge=0)
+    workers: int = Field(
+        1, ge=1, le=64, description="Processes running clients; >1 forks workers sharing the base model."
+    )
     dp: dict[str, Any] | None = Field(None, description="Differential privacy wrapper; see strategies.dp.")
     compression: dict[str, Any] | None = Field(None, description="Update codecs; see strategies.compression.")
     channel: ChannelConfig | None = Field(None, description="Noisy links (fedsim only); see simulations.channel.")

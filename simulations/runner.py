@@ -8,20 +8,26 @@ bytes a real deployment puts on the wire and the clients see exactly what gRPC w
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedserver.engine import RoundEngine
 from fedserver.metrics import MetricsLog, RoundMetrics
-from protos.convert import instruction_from_proto, instruction_to_proto, update_from_proto, update_to_proto
+from protos import fedtune_pb2 as pb
+from protos.convert import instruction_from_proto, instruction_to_proto, update_from_proto
 from simulations.channel import Channel
 from simulations.config import ConfigError, SimulationConfig
-from strategies.api import ClientStrategy, InvalidUpdate, RunContext, ServerStrategy, Workspace
+from simulations.workers import WorkerPool, run_clients
+from strategies.api import ClientStrategy, DeviceProfile, Instruction, InvalidUpdate, RunContext, ServerStrategy, Workspace
 from strategies.registry import resolve
 from tasks.data import FederatedData, prepare_federated_data
 from tasks.models import load_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,6 +39,7 @@ class Federation:
     server: ServerStrategy
     clients: dict[str, ClientStrategy]
     data: FederatedData
+    retired: set[str] = field(default_factory=set)  # clients whose privacy budget is spent
 
 
 def build_federation(config: SimulationConfig) -> Federation:
@@ -55,25 +62,34 @@ def build_federation(config: SimulationConfig) -> Federation:
     return Federation(config, workspace, server, clients, data)
 
 
-def run_round(federation: Federation, engine: RoundEngine, round: int) -> RoundMetrics:
+def run_round(federation: Federation, engine: RoundEngine, round: int, pool: WorkerPool | None = None) -> RoundMetrics:
     """One round: instructions down, local training, updates up, aggregation, evaluation.
 
     Decoded messages pass through the configured channel (noise, loss: a lost instruction means the
     client sits the round out, a lost update is never submitted); every client that did not train
-    this round gets its strategy's `idle` hook.
+    this round gets its strategy's `idle` hook. Local work runs here or, given a `pool`, in its
+    workers; updates are submitted in client-id order either way.
     """
     channel = Channel(federation.config.channel, federation.config.seed)
-    instructions = engine.begin_round(round, list(federation.clients))
-    trained: set[str] = set()
-    for client_id, instruction in instructions.items():
+    available = [cid for cid in federation.clients if cid not in federation.retired]
+    received: dict[str, Instruction] = {}
+    for client_id, instruction in engine.begin_round(round, available).items():
         encoded_instruction = instruction_to_proto(instruction)
         engine.count_down(instruction, encoded_instruction.ByteSize())
-        received = channel.downlink(instruction_from_proto(encoded_instruction), client_id)
-        if received is None:
+        delivered_instruction = channel.downlink(instruction_from_proto(encoded_instruction), client_id)
+        if delivered_instruction is not None:
+            received[client_id] = delivered_instruction
+    if pool is None:
+        outcomes = run_clients(federation.clients, federation.workspace, federation.data.clients, round, received)
+    else:
+        outcomes = pool.run(round, received)
+    for client_id in sorted(outcomes):
+        outcome = outcomes[client_id]
+        if outcome.retired is not None:
+            federation.retired.add(client_id)
+            log.warning("fedsim: %s", outcome.retired)
             continue
-        update = federation.clients[client_id].fit(federation.workspace, received, federation.data.clients[client_id])
-        trained.add(client_id)
-        encoded_update = update_to_proto(update)
+        encoded_update = pb.ClientUpdate.FromString(outcome.update)
         delivered = channel.uplink(update_from_proto(encoded_update))
         if delivered is None:
             continue
@@ -81,9 +97,6 @@ def run_round(federation: Federation, engine: RoundEngine, round: int) -> RoundM
             engine.submit(delivered, encoded_update.ByteSize())
         except InvalidUpdate:
             continue
-    for client_id, client in federation.clients.items():
-        if client_id not in trained:
-            client.idle(federation.workspace, round, federation.data.clients[client_id])
     return engine.finish_round()
 
 
@@ -92,20 +105,26 @@ def run_simulation(config: SimulationConfig, out_dir: Path, show_progress: bool 
     (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2))
     federation = build_federation(config)
+    # Fork before anything else runs (evaluation threads, the progress bar): workers share the base model.
+    pool = None
+    if config.workers > 1:
+        pool = WorkerPool(federation.clients, federation.workspace, federation.data.clients, config.workers)
     engine = RoundEngine(
         federation.server, federation.workspace, federation.data.eval, config.train.eval_batch_size, MetricsLog(out_dir)
     )
     history = [engine.record_baseline()]
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn())
-    with Progress(*columns, disable=not show_progress) as progress:
+    with pool or nullcontext(), Progress(*columns, disable=not show_progress) as progress:
         task = progress.add_task(f"fedsim {config.strategy}", total=config.rounds, status=_status(history[-1]))
         for round in range(1, config.rounds + 1):
             reason = federation.server.stop_reason(round)
+            if federation.retired and federation.retired == set(federation.clients):
+                reason = "every client has retired (privacy budget spent)"
             if reason:
                 progress.console.print(f"[yellow]fedsim: stopping before round {round}: {reason}")
                 break
-            history.append(run_round(federation, engine, round))
+            history.append(run_round(federation, engine, round, pool))
             progress.update(task, advance=1, status=_status(history[-1]))
     engine.save_global(out_dir / "global")
     engine.metrics.plot()

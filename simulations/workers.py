@@ -1,0 +1,210 @@
+"""Run virtual clients' local work, in this process or in forked workers sharing one base model.
+
+`fedsim` with `workers = N > 1` builds the whole federation (frozen base model, workspace, data,
+client halves) in the parent and only then forks N processes. Forked pages are shared
+copy-on-write and nobody writes the frozen base weights, so N workers cost one model plus, per
+worker, the adapter, optimizer state, activations and the bits of heap it touches, not one model
+per worker (which is what an actor-per-worker simulation such as Flower's pays). Each worker runs
+single-threaded: on a small CPU, N single-thread processes beat one process with N threads.
+
+Client state: every client id is pinned to one worker for the whole run (round-robin over the
+sorted ids), so its ClientStrategy object (ADMM duals, a DP accountant, error feedback) lives in
+exactly one process and evolves exactly as in the in-process loop; the parent's copies are never
+used once the workers run. Per round each worker gets the protobuf bytes of its clients'
+instructions and sends back the protobuf bytes of their updates; the parent submits them in
+client-id order, so a deterministic strategy gives the same global model whatever N is.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import multiprocessing
+import traceback
+from collections.abc import Mapping
+from multiprocessing.connection import Connection
+from types import TracebackType
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from protos import fedtune_pb2 as pb
+from protos.convert import instruction_from_proto, instruction_to_proto, update_to_proto
+from strategies.api import ClientStrategy, Instruction, Workspace
+from strategies.dp import ClientRetired
+from tasks.data import TokenDataset
+
+
+class ClientOutcome(BaseModel):
+    """One client's result for a round: its encoded update, or why it retired instead."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    update: bytes | None = None  # a serialized pb.ClientUpdate
+    retired: str | None = None  # the ClientRetired message (e.g. its privacy budget is spent)
+
+
+class RoundJobs(BaseModel):
+    """What the parent sends one worker for one round: its clients' encoded instructions."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    round: int
+    instructions: dict[str, bytes]
+
+
+class WorkerFailure(BaseModel):
+    """A worker's exception, sent back so the parent fails with the worker's traceback."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    traceback: str
+
+
+class WorkerError(RuntimeError):
+    """A worker raised or died; the message names the worker and carries its traceback or exit code."""
+
+
+def run_clients(
+    clients: Mapping[str, ClientStrategy],
+    workspace: Workspace,
+    data: Mapping[str, TokenDataset],
+    round: int,
+    instructions: Mapping[str, Instruction],
+    release_memory: bool = False,
+) -> dict[str, ClientOutcome]:
+    """Local work of `clients` for one round: `fit` for those with an instruction, then the
+    `idle` hook for every other one (also those that retired), as a device would do it.
+    `release_memory` hands the freed activations back to the OS after each fit."""
+    outcomes: dict[str, ClientOutcome] = {}
+    for client_id in sorted(instructions):
+        try:
+            update = clients[client_id].fit(workspace, instructions[client_id], data[client_id])
+        except ClientRetired as retired:
+            outcomes[client_id] = ClientOutcome(retired=str(retired))
+            continue
+        outcomes[client_id] = ClientOutcome(update=update_to_proto(update).SerializeToString())
+        if release_memory:
+            _trim_heap()
+    for client_id, client in clients.items():
+        if outcomes.get(client_id, ClientOutcome()).update is None:
+            client.idle(workspace, round, data[client_id])
+    return outcomes
+
+
+class WorkerPool:
+    """`workers` forked processes, each owning a fixed share of the virtual clients.
+
+    Create it right after the federation is built (before any thread, e.g. a progress bar,
+    starts) and use it as a context manager so the workers are always stopped.
+    """
+
+    def __init__(
+        self,
+        clients: Mapping[str, ClientStrategy],
+        workspace: Workspace,
+        data: Mapping[str, TokenDataset],
+        workers: int,
+    ):
+        if workers < 2:
+            raise ValueError(f"workers: a pool needs at least 2 workers, got {workers}")
+        context = multiprocessing.get_context("fork")
+        # Objects the workers inherit stay out of their garbage collections, which would otherwise
+        # write to every inherited object and so copy its page (Python's advice for fork without exec).
+        gc.collect()
+        gc.freeze()
+        self.owner = {client_id: index % workers for index, client_id in enumerate(sorted(clients))}
+        self._links: list[Connection] = []
+        self._processes: list[multiprocessing.process.BaseProcess] = []
+        for worker in range(workers):
+            owned = {cid: client for cid, client in clients.items() if self.owner[cid] == worker}
+            parent_end, child_end = context.Pipe()
+            process = context.Process(
+                target=_serve, args=(child_end, owned, workspace, data), name=f"fedsim-worker-{worker}", daemon=True
+            )
+            process.start()
+            child_end.close()
+            self._links.append(parent_end)
+            self._processes.append(process)
+        gc.unfreeze()
+
+    def run(self, round: int, instructions: Mapping[str, Instruction]) -> dict[str, ClientOutcome]:
+        """Every worker does its clients' round (fits and idle hooks) in parallel."""
+        for worker, link in enumerate(self._links):
+            jobs = {
+                cid: instruction_to_proto(instruction).SerializeToString()
+                for cid, instruction in instructions.items()
+                if self.owner[cid] == worker
+            }
+            link.send(RoundJobs(round=round, instructions=jobs))
+        outcomes: dict[str, ClientOutcome] = {}
+        for worker, link in enumerate(self._links):
+            reply = self._receive(worker, link)
+            if isinstance(reply, WorkerFailure):
+                raise WorkerError(f"fedsim worker {worker} failed in round {round}:\n{reply.traceback}")
+            outcomes.update(reply)
+        return outcomes
+
+    def _receive(self, worker: int, link: Connection) -> dict[str, ClientOutcome] | WorkerFailure:
+        try:
+            return link.recv()
+        except EOFError as error:
+            process = self._processes[worker]
+            process.join(timeout=5)
+            raise WorkerError(f"fedsim worker {worker} died (exit code {process.exitcode})") from error
+
+    def close(self) -> None:
+        for link in self._links:
+            try:
+                link.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for process in self._processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+        for link in self._links:
+            link.close()
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        self.close()
+
+
+def _trim_heap() -> None:
+    """glibc keeps freed memory in the heap (a fit's activations, hundreds of MB for a BERT
+    batch) and fragments it across fits of different sequence lengths: give it back, so that a
+    worker's memory does not creep up with the number of clients it serves."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _glibc()
+
+
+def _serve(
+    link: Connection,
+    clients: Mapping[str, ClientStrategy],
+    workspace: Workspace,
+    data: Mapping[str, TokenDataset],
+) -> None:
+    """A worker's loop: decode the round's instructions, run its clients, send encoded outcomes."""
+    torch.set_num_threads(1)
+    while (jobs := link.recv()) is not None:
+        try:
+            instructions = {
+                cid: instruction_from_proto(pb.Instruction.FromString(encoded))
+                for cid, encoded in jobs.instructions.items()
+            }
+            link.send(run_clients(clients, workspace, data, jobs.round, instructions, release_memory=True))
+        except Exception:  # noqa: BLE001 - any failure goes back to the parent, which stops the run
+            link.send(WorkerFailure(traceback=traceback.format_exc()))
+    link.close()
