@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     join.add_argument("--codecs", help="comma-separated update codecs this device offers (default: all it has)")
     join.add_argument("--give-up-after", type=float, default=3600.0,
                       help="seconds without reaching the server before giving up (default 3600)")
+    join.add_argument("--max-backoff", type=float, default=10.0, help="longest wait between retries, seconds")
     join.add_argument("--max-message-bytes", type=int, default=64 * MiB, help="largest gRPC message accepted")
     join.add_argument("--quiet", action="store_true", help="no progress display")
     args = parser.parse_args(argv)
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     codecs = tuple(c.strip() for c in args.codecs.split(",")) if args.codecs else SUPPORTED_CODECS
     settings = ClientSettings(
         connection=ConnectionSettings(server=args.server, token=token, ca=args.ca, insecure=args.insecure,
-                                      max_message_bytes=args.max_message_bytes, give_up_after_s=args.give_up_after),
+                                      max_message_bytes=args.max_message_bytes, give_up_after_s=args.give_up_after,
+                                      max_backoff_s=args.max_backoff),
         data=args.data, state_file=state_file, name=args.name, model_path=args.model,
         profile=DeviceProfile(memory_mb=args.memory_mb, compute_class=args.compute_class, codecs=codecs),
     )

@@ -108,9 +108,9 @@ class FederatedClient:
                             reply.run_id[:8], self.state.run_id[:8])
             self.state.start_run(reply.run_id)
         self.state.client_id = self.client_id = reply.client_id
+        self.state.save(self.settings.state_file)  # the identity first: a restart rejoins as this client
         if self.spec != spec or self.strategy is None:
             self._build(spec)
-        self.state.save(self.settings.state_file)
         self._start_heartbeat(reply.heartbeat_interval_ms / 1000)
         self.reporter.status(f"registered as {reply.client_id} (run {reply.run_id[:8]}, {spec.strategy}, "
                              f"{spec.rounds} rounds)")

@@ -59,6 +59,9 @@ class Connection:
             ("grpc.keepalive_time_ms", 20_000),
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            # gRPC's own reconnect backoff (default up to 120 s) would outlast ours; keep it below.
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.min_reconnect_backoff_ms", 500),
             ("grpc.max_reconnect_backoff_ms", int(settings.max_backoff_s * 1000)),
         ]
         if settings.insecure:

@@ -41,7 +41,8 @@ class ServerSection(StrictModel):
     client_timeout_s: float = Field(30.0, gt=0, description="A client silent this long is not scheduled.")
     heartbeat_interval_s: float = Field(5.0, gt=0, description="How often clients are asked to heartbeat.")
     long_poll_s: float = Field(10.0, gt=0, description="Longest a PullInstruction call is held open.")
-    linger_s: float = Field(10.0, ge=0, description="After the run, keep answering DONE this long (at most).")
+    linger_s: float = Field(30.0, ge=0, description="After the run, keep answering DONE until every client has "
+                                                     "heard it, at most this long.")
 
     @model_validator(mode="after")
     def _timeouts(self) -> "ServerSection":

@@ -329,10 +329,11 @@ class Coordinator:
             shutil.rmtree(old, ignore_errors=True)
 
     async def _linger(self) -> None:
-        """Keep answering DONE until every live client has heard it (or linger_s passes)."""
+        """Keep answering DONE until every client still in the run has heard it (or linger_s passes),
+        including one that is reconnecting after an outage."""
         end = time.monotonic() + self.config.server.linger_s
         while time.monotonic() < end:
-            if all(self.sessions[cid].told_done for cid in self.live_clients()):
+            if all(session.told_done or session.left is not None for session in self.sessions.values()):
                 return
             await self._wait(min(0.5, end - time.monotonic()))
 
