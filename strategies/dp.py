@@ -322,16 +322,17 @@ class ClientLevelServer(ServerWrapper):
             return
         ordered = sorted(updates, key=lambda update: update.client_id)
         reference: TensorMap = self.inner.global_tensors
-        clipped = [clip_update(update_delta(update.tensors, reference), self.clipping_norm)[0] for update in ordered]
+        totals = {name: torch.zeros(base.shape, dtype=torch.float64) for name, base in reference.items()}
+        for update in ordered:  # one float64 delta at a time: memory stays at two adapters
+            clipped, _ = clip_update(update_delta(update.tensors, reference), self.clipping_norm)
+            for name, delta in clipped.items():
+                totals[name] += delta
         sampled = max(self.round_sampled, len(ordered))
         stddev = self.update_noise_multiplier(sampled) * self.clipping_norm
         generator = private_generator(self.dp.noise_seed, "dp-fedavg", round)
         privatized = {}
         for name in sorted(reference):
-            base = reference[name]
-            total = torch.zeros(base.shape, dtype=torch.float64)
-            for delta in clipped:
-                total += delta[name]
+            base, total = reference[name], totals[name]
             if stddev > 0:
                 total += torch.normal(0.0, stddev, base.shape, generator=generator, dtype=torch.float64)
             privatized[name] = (base.double() + total / sampled).to(base.dtype)

@@ -37,6 +37,15 @@ from tests.helpers import tiny_config
 DELTA = 1e-5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """On a shared, busy CPU one torch thread runs these tiny steps several times faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def federation_with(dp: dict, clients: int = 3, **overrides) -> Federation:
     return build_federation(tiny_config(dp=dp, partition={"scheme": "iid", "num_clients": clients}, **overrides))
 
