@@ -106,8 +106,8 @@ def bench_throughput() -> list[dict[str, Any]]:
 
 def bench_accuracy(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
-    for label, compression in RUNS.items():
-        config = run_config(compression, args)
+    for label in args.runs:
+        config = run_config(RUNS[label], args)
         started = time.perf_counter()
         federation = build_federation(config)
         with tempfile.TemporaryDirectory() as out:
@@ -150,13 +150,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--skip-accuracy", action="store_true", help="throughput only")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="which runs (first = reference)")
+    parser.add_argument("--csv", default="compression.csv", help="file name under benchmarks/results")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     results = HERE / "results"
     write_csv(results / "compression_throughput.csv", bench_throughput())
     if not args.skip_accuracy:
-        write_csv(results / "compression.csv", bench_accuracy(args))
+        write_csv(results / args.csv, bench_accuracy(args))
 
 
 if __name__ == "__main__":
