@@ -22,7 +22,7 @@ from protos.convert import instruction_from_proto, instruction_to_proto, update_
 from simulations.channel import Channel
 from simulations.config import ConfigError, SimulationConfig
 from simulations.workers import WorkerPool, run_clients
-from strategies.api import ClientStrategy, DeviceProfile, Instruction, InvalidUpdate, RunContext, ServerStrategy, Workspace
+from strategies.api import ClientStrategy, Instruction, InvalidUpdate, RunContext, ServerStrategy, Workspace
 from strategies.registry import resolve
 from tasks.data import FederatedData, prepare_federated_data
 from tasks.models import load_model
