@@ -122,6 +122,7 @@ class Coordinator:
         self.waiting_for = "starting"
         self._instructions: dict[str, Instruction] = {}
         self._event = asyncio.Event()
+        self._poll_event = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._register_lock = asyncio.Lock()
         self._dirty: dict[str, tuple[float, str]] = {}
@@ -137,12 +138,19 @@ class Coordinator:
             self._executor, functools.partial(function, *args, **kwargs))
 
     def _changed(self) -> None:
-        """Wake every waiter (long polls, the round loop); each re-checks its own condition."""
+        """Wake the round loop (a client came, went or uploaded); it re-checks its condition."""
         self._event.set()
         self._event = asyncio.Event()
 
-    async def _wait(self, timeout: float) -> None:
-        event = self._event
+    def _round_changed(self) -> None:
+        """Wake the round loop and every long poll: a round began or ended, or the run is over.
+        (Long polls wait only for these, so a thousand waiting clients are not woken per upload.)"""
+        self._changed()
+        self._poll_event.set()
+        self._poll_event = asyncio.Event()
+
+    async def _wait(self, timeout: float, polling: bool = False) -> None:
+        event = self._poll_event if polling else self._event
         try:
             await asyncio.wait_for(event.wait(), max(timeout, 0.0))
         except TimeoutError:
@@ -243,8 +251,8 @@ class Coordinator:
                 await self._finish_round()
             self.done_reason = reason
             await self._call(self.store.set_meta, status="finished", finish_reason=reason)
+            self._round_changed()
             await self._call(self.engine.metrics.plot)
-            self._changed()
             log.info("run finished: %s", reason)
             await self._linger()
             return reason
@@ -270,7 +278,7 @@ class Coordinator:
         self._instructions = await self._call(begin)
         self.view = RoundView(round, set(self._instructions), set(), deadline)
         log.info("round %d: %d of %d live clients selected", round, len(self._instructions), len(available))
-        self._changed()
+        self._round_changed()
 
     def quorum(self) -> int:
         return math.ceil(self.config.server.quorum * len(self.view.selected))
@@ -308,7 +316,7 @@ class Coordinator:
         self.next_round = view.round + 1
         self.view = RoundView()
         self._instructions = {}
-        self._changed()
+        self._round_changed()
 
     def _checkpoint(self, round: int) -> None:
         """The global model in PEFT format, swapped in atomically: a complete directory is renamed into
@@ -426,7 +434,7 @@ class Coordinator:
                     if status.kind == pb.PullStatus.WAIT and not status.retry_after_ms:
                         status.retry_after_ms = 0 if wait_s > 0 else 1000
                     return status, instruction
-                await self._wait(remaining)
+                await self._wait(remaining, polling=True)
         finally:
             session.open_pulls -= 1
             self.touch(client_id)

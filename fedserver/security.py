@@ -1,7 +1,7 @@
 """TLS material and enrollment tokens for a run (`fedserver init`), made with `cryptography`.
 
 The CA signs the server certificate (SAN: the given host names and IPs, localhost and 127.0.0.1
-by default); clients pin the CA. Enrollment tokens are 32 random bytes (URL-safe base64); the
+by default); clients pin the CA. Enrollment tokens are 32 random bytes (URL-safe base64, prefixed `ftk_`); the
 server stores only their SHA-256, which is enough for secrets with 256 bits of entropy (no
 password-style key stretching is needed, and lookups stay O(1)).
 """
@@ -25,8 +25,11 @@ TOKEN_BYTES = 32
 CERT_DAYS = 825
 
 
+TOKEN_PREFIX = "ftk_"  # recognisable in logs and configs, and never a leading '-' that CLIs read as a flag
+
+
 def new_token() -> str:
-    return secrets.token_urlsafe(TOKEN_BYTES)
+    return TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
 
 
 def hash_token(token: str) -> str:

@@ -1,0 +1,231 @@
+"""Transport benchmark: one large update through fedclient -> fedserver vs a raw grpcio stream of the same bytes.
+
+    .venv/bin/python -m benchmarks.bench_transport [--mib 256] [--repeats 2]
+
+Both paths run on loopback without TLS, in the same session, with 2 MiB chunks:
+  fedtune  a fedserver process (fedavg_lora on the tiny model, LoRA rank chosen so the adapter is
+           --mib MiB); this process registers with the fedclient library, pulls the instruction and
+           pushes an update of that size. The push is timed from the first byte to the server's OK,
+           which includes reassembly, SHA-256 on both ends, the strategy's validation and the SQLite
+           commit that makes the update durable.
+  raw      a bare grpcio server process with one client-streaming method that appends each chunk into
+           a preallocated buffer; the client streams the same bytes.
+Reported: throughput of each, their ratio (goal >= 0.8), and each server's RSS increase while
+receiving, as a multiple of the update (goal < 2x), plus the fedserver's peak RSS over the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MiB = 1 << 20
+CHUNK = 2 * MiB
+FLOATS_PER_RANK = 2176  # LoRA floats per unit of rank on builtin:tiny-llama (all-linear targets)
+RAW_METHOD = "/bench.Raw/Upload"
+
+
+class RssSampler:
+    """Peak resident memory of a process, sampled every few milliseconds in a thread."""
+
+    def __init__(self, pid: int):
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.process.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.005)
+
+    def now(self) -> int:
+        return self.process.memory_info().rss
+
+    def __enter__(self) -> "RssSampler":
+        self.peak = self.now()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# -- raw grpcio baseline ----------------------------------------------------------------------
+
+
+def raw_server(total: int, port_file: Path) -> None:
+    """A bare client-streaming method that copies every chunk into one preallocated buffer."""
+    buffer = bytearray(total)
+
+    def upload(request_iterator, context):
+        offset = 0
+        for chunk in request_iterator:
+            buffer[offset : offset + len(chunk)] = chunk
+            offset += len(chunk)
+        return offset.to_bytes(8, "little")
+
+    handler = grpc.method_handlers_generic_handler("bench.Raw", {
+        "Upload": grpc.stream_unary_rpc_method_handler(upload, request_deserializer=None, response_serializer=None)})
+    options = [("grpc.max_receive_message_length", 8 * MiB), ("grpc.max_send_message_length", 8 * MiB)]
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=options)
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    port_file.write_text(str(port))
+    server.wait_for_termination()
+
+
+def bench_raw(payload: bytes, tmp: Path) -> dict[str, float]:
+    port_file = tmp / "raw.port"
+    process = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_transport", "--raw-server", str(len(payload)),
+                                "--port-file", str(port_file)], cwd=ROOT)
+    try:
+        while not port_file.exists() or not port_file.read_text():
+            time.sleep(0.05)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port_file.read_text()}",
+                                        options=[("grpc.max_send_message_length", 8 * MiB)])
+        upload = channel.stream_unary(RAW_METHOD, request_serializer=None, response_deserializer=None)
+        view = memoryview(payload)
+        upload(iter([b"warm-up"]), timeout=60)
+        with RssSampler(process.pid) as rss:
+            before = rss.now()
+            start = time.perf_counter()
+            received = upload((bytes(view[i : i + CHUNK]) for i in range(0, len(payload), CHUNK)), timeout=600)
+            seconds = time.perf_counter() - start
+        assert int.from_bytes(received, "little") == len(payload)
+        channel.close()
+        return {"seconds": seconds, "rss_increase": rss.peak - before, "rss_peak": rss.peak}
+    finally:
+        process.kill()
+
+
+# -- fedclient -> fedserver -------------------------------------------------------------------
+
+
+def server_config(run_dir: Path, rank: int, port: int) -> str:
+    return f"""strategy = "fedavg_lora"
+rounds = 1
+seed = 0
+[options]
+rank = {rank}
+[model]
+path = "builtin:tiny-llama"
+max_length = 32
+[data]
+train = "builtin:ops"
+max_train_examples = 200
+max_eval_examples = 8
+[server]
+run_dir = "{run_dir}"
+host = "127.0.0.1"
+port = {port}
+insecure = true
+min_clients = 1
+linger_s = 5
+[limits]
+max_update_bytes = {4 << 30}
+"""
+
+
+def bench_fedtune(mib: int, tmp: Path) -> tuple[dict[str, float], bytes]:
+    from fedclient.client import ClientSettings, FederatedClient
+    from fedclient.connection import ConnectionSettings
+    from fedserver.cli import main as fedserver_main
+    from protos import fedtune_pb2 as pb
+    from protos.payload import tensor_bytes
+    from strategies.api import ClientUpdate
+    from tasks.data import load_records
+
+    rank = math.ceil(mib * MiB / 4 / FLOATS_PER_RANK)
+    run_dir = tmp / "run"
+    fedserver_main(["init", "--run-dir", str(run_dir), "--clients", "1"])
+    token = (run_dir / "enrollment-tokens.txt").read_text().split("\t")[1].strip()
+    with __import__("socket").socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp / "server.toml").write_text(server_config(run_dir, rank, port))
+    data = tmp / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in load_records("builtin:ops", 0, 50)))
+    server = subprocess.Popen([str(BIN / "fedserver"), "start", "--config", str(tmp / "server.toml")],
+                              stdout=(tmp / "server.log").open("w"), stderr=subprocess.STDOUT)
+    try:
+        with RssSampler(server.pid) as whole_run:
+            client = FederatedClient(ClientSettings(
+                connection=ConnectionSettings(server=f"127.0.0.1:{port}", token=token, ca=None, insecure=True,
+                                              max_message_bytes=16 * MiB, give_up_after_s=300, max_backoff_s=1),
+                data=data, state_file=tmp / "client.state", name="client-000"))
+            client.register()
+            while True:
+                status, instruction = client.pull()
+                if status.kind == pb.PullStatus.INSTRUCTION:
+                    break
+            generator = torch.Generator().manual_seed(0)
+            tensors = {name: torch.randn(t.shape, generator=generator) for name, t in instruction.tensors.items()}
+            del instruction
+            client.workspace = None  # the bench needs only the connection from here on
+            update = ClientUpdate(client_id=client.client_id, round=1, num_examples=1, tensors=tensors)
+            payload_bytes = sum(t.numel() * 4 for t in tensors.values())
+            time.sleep(1.0)  # let the server settle after streaming the instruction
+            with RssSampler(server.pid) as rss:
+                before = rss.now()
+                start = time.perf_counter()
+                assert client.push(update)
+                seconds = time.perf_counter() - start
+            client.close()
+            server.wait(timeout=600)
+        payload = b"".join(bytes(tensor_bytes(t)) for t in tensors.values())
+        assert len(payload) == payload_bytes
+        return {"seconds": seconds, "rss_increase": rss.peak - before, "rss_peak": rss.peak,
+                "rss_peak_whole_run": whole_run.peak, "rank": rank}, payload
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mib", type=int, default=256, help="update size in MiB")
+    parser.add_argument("--repeats", type=int, default=2, help="raw-stream repetitions (best is reported)")
+    parser.add_argument("--raw-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.raw_server is not None:
+        raw_server(args.raw_server, args.port_file)
+        return
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        fedtune, payload = bench_fedtune(args.mib, tmp)
+        raw = min((bench_raw(payload, tmp) for _ in range(args.repeats)), key=lambda r: r["seconds"])
+    size = len(payload)
+    print(f"update: {size / MiB:.1f} MiB (fedavg_lora rank {fedtune['rank']} on builtin:tiny-llama), "
+          f"{math.ceil(size / CHUNK)} chunks of {CHUNK // MiB} MiB, loopback, no TLS")
+    for name, result in (("fedclient -> fedserver", fedtune), ("raw grpcio stream", raw)):
+        print(f"{name:24s} {result['seconds']:7.2f} s  {size / MiB / result['seconds']:8.1f} MiB/s  "
+              f"server RSS +{result['rss_increase'] / MiB:7.1f} MiB while receiving "
+              f"({result['rss_increase'] / size:.2f}x the update), peak {result['rss_peak'] / MiB:.0f} MiB")
+    print(f"throughput ratio fedtune/raw: {raw['seconds'] / fedtune['seconds']:.2f} (goal >= 0.8)")
+    print(f"fedserver peak RSS over the whole run (model, global state, aggregation, checkpoint): "
+          f"{fedtune['rss_peak_whole_run'] / MiB:.0f} MiB = {fedtune['rss_peak_whole_run'] / size:.2f}x the update")
+
+
+if __name__ == "__main__":
+    main()
