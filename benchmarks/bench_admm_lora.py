@@ -45,7 +45,7 @@ def config(strategy: str, options: dict[str, Any], snr_db: float | None, args: a
         "data": {"train": str(args.data / "train.tsv"), "eval": str(args.data / "test.tsv"),
                  "max_train_examples": 2000, "max_eval_examples": 300},
         "partition": {"scheme": "dirichlet", "field": "label", "num_clients": 10, "alpha": 0.5},
-        "train": {"local_steps": args.local_steps, "batch_size": 16, "learning_rate": args.lr},
+        "train": {"local_steps": args.local_steps, "batch_size": args.batch_size, "learning_rate": args.lr},
         "options": {"target_modules": ["query", "value"], "clients_per_round": args.clients_per_round, **options},
         "channel": {"downlink": link, "uplink": link},
     })
@@ -54,9 +54,10 @@ def config(strategy: str, options: dict[str, Any], snr_db: float | None, args: a
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--local-steps", type=int, default=10)
+    parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--clients-per-round", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--snr-db", type=float, default=10.0, help="per-tensor SNR on both links")
     parser.add_argument("--rho", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
