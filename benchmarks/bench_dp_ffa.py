@@ -52,6 +52,9 @@ def config(strategy: str, epsilon: float | None, args: argparse.Namespace) -> Si
 
 
 def run(strategy: str, epsilon: float | None, args: argparse.Namespace) -> dict[str, Any]:
+    # transformers draws the new classification head from torch's global generator: seed it so that every
+    # run starts from the same model.
+    torch.manual_seed(args.seed)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         history = run_simulation(config(strategy, epsilon, args), Path(out), show_progress=False)

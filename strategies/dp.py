@@ -55,6 +55,7 @@ from torch.nn import functional
 from strategies.api import (
     ClientStrategy,
     ClientUpdate,
+    DeviceProfile,
     Instruction,
     InvalidInstruction,
     InvalidUpdate,
@@ -232,7 +233,7 @@ class ClientLevelServer(ServerWrapper):
                 "tensor-valued strategies only (e.g. fedavg_lora, ffa_lora)"
             )
 
-    def on_client_registered(self, client_id: str, profile) -> None:
+    def on_client_registered(self, client_id: str, profile: DeviceProfile) -> None:
         super().on_client_registered(client_id, profile)
         self.registered.add(client_id)
         self.population = max(self.population, len(self.registered))
