@@ -1,6 +1,6 @@
 """Transport benchmark: one large update through fedclient -> fedserver vs a raw grpcio stream of the same bytes.
 
-    .venv/bin/python -m benchmarks.bench_transport [--mib 256] [--repeats 2]
+    .venv/bin/python benchmarks/bench_transport.py [--mib 256] [--repeats 2]
 
 Both paths run on loopback without TLS, in the same session, with 2 MiB chunks:
   fedtune  a fedserver process (fedavg_lora on the tiny model, LoRA rank chosen so the adapter is
@@ -31,7 +31,6 @@ import grpc
 import psutil
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MiB = 1 << 20
 CHUNK = 2 * MiB
@@ -96,8 +95,8 @@ def raw_server(total: int, port_file: Path) -> None:
 
 def bench_raw(payload: bytes, tmp: Path) -> dict[str, float]:
     port_file = tmp / "raw.port"
-    process = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_transport", "--raw-server", str(len(payload)),
-                                "--port-file", str(port_file)], cwd=ROOT)
+    process = subprocess.Popen([sys.executable, __file__, "--raw-server", str(len(payload)),
+                                "--port-file", str(port_file)])
     try:
         while not port_file.exists() or not port_file.read_text():
             time.sleep(0.05)

@@ -46,6 +46,17 @@ STRATEGIES = ["fedavg_lora", "ffa_lora"]
 CLIENTS = ["client-000", "client-001", "client-002"]
 MiB = 1 << 20
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+_started: list[subprocess.Popen] = []  # every process a test started, so none outlives its test
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    first = len(_started)
+    yield
+    for process in _started[first:]:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def run_config(strategy: str, **overrides: Any) -> dict[str, Any]:
@@ -159,6 +170,7 @@ def start_server(tmp: Path, config: dict[str, Any], server: dict[str, Any], resu
     log = tmp / f"server-{time.monotonic_ns()}.log"
     command = [str(BIN / "fedserver"), "start", "--config", str(path), *(["--resume"] if resume else [])]
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=ENV)
+    _started.append(process)
     return Server(process, run_dir, log, section["port"], tls=not section["insecure"])
 
 
@@ -167,7 +179,9 @@ def start_client(server: Server, tmp: Path, name: str, data: Path, token: str | 
     command = [str(BIN / "fedclient"), "join", "--server", server.address, "--data", str(data), "--name", name,
                "--state", str(tmp / f"{name}.state"), "--give-up-after", "120", "--max-backoff", "2", "--quiet", *security,
                *(["--token", token] if token else [])]
-    return subprocess.Popen(command, stdout=(tmp / f"{name}.log").open("a"), stderr=subprocess.STDOUT, env=ENV)
+    process = subprocess.Popen(command, stdout=(tmp / f"{name}.log").open("a"), stderr=subprocess.STDOUT, env=ENV)
+    _started.append(process)
+    return process
 
 
 def finish(processes: list[subprocess.Popen], tmp: Path, timeout: float = 120) -> None:
