@@ -95,6 +95,7 @@ def raw_server(total: int, port_file: Path) -> None:
 
 def bench_raw(payload: bytes, tmp: Path) -> dict[str, float]:
     port_file = tmp / "raw.port"
+    port_file.unlink(missing_ok=True)
     process = subprocess.Popen([sys.executable, __file__, "--raw-server", str(len(payload)),
                                 "--port-file", str(port_file)])
     try:
@@ -193,8 +194,9 @@ def bench_fedtune(mib: int, tmp: Path) -> tuple[dict[str, float], bytes]:
             server.wait(timeout=600)
         payload = b"".join(bytes(tensor_bytes(t)) for t in tensors.values())
         assert len(payload) == payload_bytes
+        accepted = next(line for line in (tmp / "server.log").read_text().splitlines() if "accepted" in line)
         return {"seconds": seconds, "rss_increase": rss.peak - before, "rss_peak": rss.peak,
-                "rss_peak_whole_run": whole_run.peak, "rank": rank}, payload
+                "rss_peak_whole_run": whole_run.peak, "rank": rank, "server_log": accepted}, payload
     finally:
         if server.poll() is None:
             server.kill()
@@ -221,6 +223,7 @@ def main() -> None:
         print(f"{name:24s} {result['seconds']:7.2f} s  {size / MiB / result['seconds']:8.1f} MiB/s  "
               f"server RSS +{result['rss_increase'] / MiB:7.1f} MiB while receiving "
               f"({result['rss_increase'] / size:.2f}x the update), peak {result['rss_peak'] / MiB:.0f} MiB")
+    print(f"server side: {fedtune['server_log'].split('accepted ', 1)[1]}")
     print(f"throughput ratio fedtune/raw: {raw['seconds'] / fedtune['seconds']:.2f} (goal >= 0.8)")
     print(f"fedserver peak RSS over the whole run (model, global state, aggregation, checkpoint): "
           f"{fedtune['rss_peak_whole_run'] / MiB:.0f} MiB = {fedtune['rss_peak_whole_run'] / size:.2f}x the update")

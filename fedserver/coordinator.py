@@ -456,9 +456,10 @@ class Coordinator:
         if refusal is not None:
             raise refusal
 
-    async def submit(self, client_id: str, update: ClientUpdate, wire_bytes: int) -> None:
+    async def submit(self, client_id: str, update: ClientUpdate, wire_bytes: int, received_s: float = 0.0) -> None:
         """Validate with the strategy (via the engine) and store durably before the client hears OK."""
         view = self.view
+        started = time.perf_counter()
 
         def accept() -> None:
             current = self.engine.current
@@ -478,7 +479,8 @@ class Coordinator:
         if view is self.view:
             view.accepted.add(client_id)
         self.touch(client_id, f"uploaded round {update.round}")
-        log.info("round %d: update from %s accepted (%d bytes)", update.round, client_id, wire_bytes)
+        log.info("round %d: update from %s accepted (%d bytes; received in %.2f s, validated and stored in %.2f s)",
+                 update.round, client_id, wire_bytes, received_s, time.perf_counter() - started)
         self._changed()
 
     def heartbeat(self, client_id: str, activity: str) -> pb.HeartbeatReply:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,7 @@ class FederationService:
     async def push_update(self, request_iterator, context) -> pb.PushReply:
         client_id = await self._client(context)
         reader = PayloadReader("ClientUpdate", self.limits, self.limits.max_update_bytes)
+        started = time.perf_counter()
         wire_bytes = 0
         async for message in request_iterator:
             message = _parsed(message)
@@ -198,7 +200,7 @@ class FederationService:
         if reader.header is None:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "PushUpdate: empty stream (no header)")
         update = update_from_stream(reader)
-        await self.coordinator.submit(client_id, update, wire_bytes)
+        await self.coordinator.submit(client_id, update, wire_bytes, received_s=time.perf_counter() - started)
         return pb.PushReply(round=update.round, payload_bytes=reader.received)
 
     def _check_header(self, client_id: str, header: pb.ClientUpdate) -> None:
