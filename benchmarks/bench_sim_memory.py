@@ -111,7 +111,8 @@ def main() -> None:
             peak = run_measured([sys.executable, __file__, "--run", strategy, str(clients), str(workers), str(out)],
                                 out.with_suffix(".log"), cwd=ROOT)
             rows.append({"strategy": strategy, "clients": clients, "workers": workers,
-                         "tree_pss_mb": peak.pss_mb, "tree_rss_mb": peak.rss_mb, **json.loads(out.read_text())})
+                         "tree_pss_mb": peak.pss_mb, "tree_rss_mb": peak.rss_mb, "tree_unique_mb": peak.unique_mb,
+                         **json.loads(out.read_text())})
             print(f"done: {strategy} x{clients} workers={workers} in {peak.wall_s:.0f} s", flush=True)
     report(rows, min(args.clients), max(args.clients))
 
@@ -119,26 +120,28 @@ def main() -> None:
 def report(rows: list[dict[str, Any]], fewest: int, most: int) -> None:
     adapter, base = rows[0]["adapter_mb"], rows[0]["base_model_mb"]
     print(f"\nadapter (LoRA + head, what travels): {adapter:.3f} MB; frozen base model: {base:.1f} MB\n")
-    print("strategy      clients workers  parent peak RSS  tree peak PSS  tree peak RSS  client state  server state")
+    print("strategy      clients workers  parent peak RSS  tree distinct pages  tree PSS  client state  server state")
     for row in rows:
+        distinct = row["tree_unique_mb"] or float("nan")
         print(f"{row['strategy']:<13} {row['clients']:>7} {row['workers']:>7}  {row['parent_peak_rss_mb']:>12.0f} MB"
-              f"  {row['tree_pss_mb']:>10.0f} MB  {row['tree_rss_mb']:>10.0f} MB  {row['client_state_mb']:>9.2f} MB"
+              f"  {distinct:>16.0f} MB  {row['tree_pss_mb']:>5.0f} MB  {row['client_state_mb']:>9.2f} MB"
               f"  {row['server_state_mb']:>9.2f} MB")
-    print(f"\nper extra client ({fewest} -> {most} clients, workers = 1):")
+    middle = sorted({row["clients"] for row in rows})[1:-1]
     for strategy in dict.fromkeys(row["strategy"] for row in rows):
-        ends = {row["clients"]: row for row in rows if row["strategy"] == strategy and row["workers"] == 1}
-        extra = most - fewest
-        rss = (ends[most]["parent_peak_rss_mb"] - ends[fewest]["parent_peak_rss_mb"]) / extra
-        pss = (ends[most]["tree_pss_mb"] - ends[fewest]["tree_pss_mb"]) / extra
-        state = (ends[most]["client_state_mb"] + ends[most]["server_state_mb"]
-                 - ends[fewest]["client_state_mb"] - ends[fewest]["server_state_mb"]) / extra
-        print(f"  {strategy:<12} peak RSS {rss:+.2f} MB, peak PSS {pss:+.2f} MB, held state {state:+.2f} MB"
-              f" = {rss / adapter:+.1f} adapters = {rss / base:+.3f} base models")
+        by_clients = {row["clients"]: row for row in rows if row["strategy"] == strategy and row["workers"] == 1}
+        print(f"\n{strategy}: per extra client (workers = 1, from the parent's exact peak RSS)")
+        for low in [fewest, *middle]:
+            extra = most - low
+            rss = (by_clients[most]["parent_peak_rss_mb"] - by_clients[low]["parent_peak_rss_mb"]) / extra
+            state = sum(by_clients[most][k] - by_clients[low][k] for k in ("client_state_mb", "server_state_mb")) / extra
+            print(f"  {low:>3} -> {most} clients: {rss:+.2f} MB per client = {rss / adapter:+.1f} adapters"
+                  f" = {rss / base:+.4f} base models (tensors held: {state:+.2f} MB per client)")
     one, two = (next(r for r in rows if r["strategy"] == rows[0]["strategy"] and r["clients"] == most
                      and r["workers"] == w) for w in (1, 2))
-    print(f"\nworkers = 2 vs 1 at {most} clients: tree peak PSS {two['tree_pss_mb']:.0f} vs {one['tree_pss_mb']:.0f} MB"
-          f" ({two['tree_pss_mb'] - one['tree_pss_mb']:+.0f} MB for the second worker; a base model is {base:.0f} MB),"
-          f" tree peak RSS {two['tree_rss_mb']:.0f} vs {one['tree_rss_mb']:.0f} MB")
+    if one["tree_unique_mb"] and two["tree_unique_mb"]:
+        print(f"\nworkers = 2 vs 1 at {most} clients: tree peak distinct pages {two['tree_unique_mb']:.0f} vs "
+              f"{one['tree_unique_mb']:.0f} MB ({two['tree_unique_mb'] - one['tree_unique_mb']:+.0f} MB for the second "
+              f"worker: its activations and heap; a model copy alone would be {base:.0f} MB more)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """fedsim vs Flower's own simulation on the same federated LoRA task: accuracy per round, wall
 time, and peak memory (PSS) of each run's whole process tree.
 
-    .venv/bin/python benchmarks/bench_vs_flower.py [--rounds 3] [--local-steps 10]
+    .venv/bin/python benchmarks/bench_vs_flower.py [--rounds 3] [--local-steps 10] [--repeats 2]
 
 Needs the Flower environment (once; torch first so pip takes the local CPU wheel):
 
@@ -20,7 +20,9 @@ client's batch order and dropout seed per round, taken from fedtune's own client
 it to the Flower app (benchmarks/flower_app.py) as files. Each framework then runs as its own
 command, from a cold start, with 2 parallel single-thread workers: fedsim `workers = 2` (forked
 processes sharing one base model), Flower's ray backend with 2 actors of 1 CPU each (each with its
-own model). A monitor thread samples the PSS of each command's process tree.
+own model). A monitor thread samples each command's process tree: PSS, RSS, and the distinct
+physical pages of the tree (see process_tree.py: PSS alone is flattered by other processes on the
+machine that share the same venv's libraries, which fedsim's venv has and Flower's has not).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import sys
 import tempfile
 import warnings
@@ -138,6 +141,7 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--train-examples", type=int, default=2000)
     parser.add_argument("--eval-examples", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each, alternating (ABBA order)")
     parser.add_argument("--fedsim-run", nargs=2, metavar=("CONFIG_JSON", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.fedsim_run:
@@ -153,29 +157,43 @@ def main() -> None:
         export_task(config, work / "task")
         (work / "config.json").write_text(config.model_dump_json())
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+        commands = {
+            "fedsim": [sys.executable, __file__, "--fedsim-run", str(work / "config.json")],
+            "flower": [str(FLOWER_PYTHON), str(HERE / "flower_app.py"), str(work / "task")],
+        }
         print(f"MiniLM + LoRA on SST-2: {args.train_examples} sentences over 10 clients, {args.rounds} rounds "
-              f"x {args.local_steps} local steps; both with 2 single-thread workers")
-        fedsim = run_measured([sys.executable, __file__, "--fedsim-run", str(work / "config.json"), str(work / "fedsim")],
-                              work / "fedsim.log", env=env, cwd=ROOT)
-        print(f"fedsim done in {fedsim.wall_s:.1f} s")
-        flower = run_measured([str(FLOWER_PYTHON), str(HERE / "flower_app.py"), str(work / "task"), str(work / "flower")],
-                              work / "flower.log", env=env, cwd=ROOT)
-        print(f"flower done in {flower.wall_s:.1f} s")
-        report(read_rows(work / "fedsim" / "metrics.jsonl"), read_rows(work / "flower" / "metrics.jsonl"), fedsim, flower)
+              f"x {args.local_steps} local steps; both with 2 single-thread workers; {args.repeats} run(s) each")
+        peaks: dict[str, list[TreePeak]] = {"fedsim": [], "flower": []}
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for repeat in range(args.repeats):
+            order = ("fedsim", "flower") if repeat % 2 == 0 else ("flower", "fedsim")  # ABBA against drift
+            for name in order:
+                out = work / f"{name}-{repeat}"
+                peak = run_measured([*commands[name], str(out)], work / f"{name}-{repeat}.log", env=env, cwd=ROOT)
+                peaks[name].append(peak)
+                rows.setdefault(name, read_rows(out / "metrics.jsonl"))
+                print(f"{name} run {repeat + 1}: {peak.wall_s:.1f} s wall, {peak.cpu_s:.1f} s CPU, "
+                      f"peak PSS {peak.pss_mb:.0f} MB, distinct pages {peak.unique_mb or float('nan'):.0f} MB", flush=True)
+        report(rows["fedsim"], rows["flower"], peaks["fedsim"], peaks["flower"])
 
 
-def report(fedsim_rows: list[dict], flower_rows: list[dict], fedsim: TreePeak, flower: TreePeak) -> None:
+def report(fedsim_rows: list[dict], flower_rows: list[dict], fedsim: list[TreePeak], flower: list[TreePeak]) -> None:
     print("\nround  fedsim acc  flower acc   fedsim loss  flower loss")
     for ours, theirs in zip(fedsim_rows, flower_rows):
         print(f"{ours['round']:>5}  {ours['eval_accuracy']:>10.4f}  {theirs['eval_accuracy']:>10.4f}"
               f"   {ours['eval_loss']:>11.4f}  {theirs['eval_loss']:>11.4f}")
     gap = max(abs(o["eval_accuracy"] - t["eval_accuracy"]) for o, t in zip(fedsim_rows, flower_rows))
     print(f"largest accuracy gap over the rounds: {gap:.4f}")
-    print("\n                       fedsim    flower    ratio")
-    print(f"wall time (s)        {fedsim.wall_s:>8.1f}  {flower.wall_s:>8.1f}  {fedsim.wall_s / flower.wall_s:>7.2f}  (goal <= 0.9)")
-    print(f"peak PSS, tree (MB)  {fedsim.pss_mb:>8.0f}  {flower.pss_mb:>8.0f}  {fedsim.pss_mb / flower.pss_mb:>7.2f}  (goal <= 0.5)")
-    print(f"peak RSS, tree (MB)  {fedsim.rss_mb:>8.0f}  {flower.rss_mb:>8.0f}  {fedsim.rss_mb / flower.rss_mb:>7.2f}")
-    print(f"processes (peak)     {fedsim.processes:>8d}  {flower.processes:>8d}")
+    print("\nmedian over runs          fedsim    flower    ratio")
+    for label, field, goal in (("wall time (s)", "wall_s", "  (goal <= 0.9)"), ("CPU time, tree (s)", "cpu_s", ""),
+                               ("peak PSS, tree (MB)", "pss_mb", "  (goal <= 0.5)"),
+                               ("peak distinct pages (MB)", "unique_mb", "  (goal <= 0.5)"),
+                               ("peak RSS, tree (MB)", "rss_mb", ""), ("processes (peak)", "processes", "")):
+        if any(getattr(peak, field) is None for peak in (*fedsim, *flower)):
+            continue
+        ours = statistics.median(getattr(peak, field) for peak in fedsim)
+        theirs = statistics.median(getattr(peak, field) for peak in flower)
+        print(f"{label:<22} {ours:>9.1f} {theirs:>9.1f} {ours / theirs:>8.2f}{goal}")
 
 
 if __name__ == "__main__":
