@@ -484,9 +484,9 @@ class Coordinator:
         self._changed()
 
     def heartbeat(self, client_id: str, activity: str) -> pb.HeartbeatReply:
-        session = self.touch(client_id, activity or None)
-        if self.done_reason is not None:
-            session.told_done = True
+        """Liveness only: a client has heard DONE when a pull told it (its heartbeat thread may be
+        answered while its main loop still waits to reconnect)."""
+        self.touch(client_id, activity or None)
         return pb.HeartbeatReply(current_round=self.view.round, done=self.done_reason is not None)
 
     async def leave(self, client_id: str, reason: str) -> None:
