@@ -422,6 +422,7 @@ def test_each_bad_input_gets_its_status_and_the_round_goes_on(guarded_server):
     assert push(valid).payload_bytes == sum(t.numel() * t.element_size() for t in valid.tensors.values())
     refused(grpc.StatusCode.ALREADY_EXISTS, "an update from 'mallory' for round 1 was already accepted",
             lambda: push(valid))
+    assert mallory.run() == "all 1 rounds completed"
     finish([good], tmp)
     assert server.wait(90) == 0, server.output()[-3000:]
     [_, round_one] = server.metrics()
@@ -450,7 +451,7 @@ def test_a_64_mib_update_streams_in_chunks_and_arrives_bit_identical(tmp_path: P
     assert payload >= 64 * MiB and len(chunks) - 2 == math.ceil(payload / client.limits.chunk_bytes) >= 32
     del chunks
     assert client.push(update)
-    client.close()
+    assert client.run() == "all 1 rounds completed"
     assert server.wait(120) == 0, server.output()[-3000:]
     saved = server.adapter()
     assert sorted(saved) == sorted(tensors)
