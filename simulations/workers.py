@@ -13,6 +13,10 @@ exactly one process and evolves exactly as in the in-process loop; the parent's 
 used once the workers run. Per round each worker gets the protobuf bytes of its clients'
 instructions and sends back the protobuf bytes of their updates; the parent submits them in
 client-id order, so a deterministic strategy gives the same global model whatever N is.
+
+Memory: workers map large allocations (activations) separately and hand freed memory back to the
+OS after each fit, and the parent does so before each round, so that what a worker holds between
+fits is its share of the inherited pages plus its clients' adapter-sized state.
 """
 
 from __future__ import annotations
@@ -127,6 +131,7 @@ class WorkerPool:
 
     def run(self, round: int, instructions: Mapping[str, Instruction]) -> dict[str, ClientOutcome]:
         """Every worker does its clients' round (fits and idle hooks) in parallel."""
+        _trim_heap()  # the parent idles meanwhile: return what its evaluation freed before the workers peak
         for worker, link in enumerate(self._links):
             jobs = {
                 cid: instruction_to_proto(instruction).SerializeToString()
@@ -171,12 +176,24 @@ class WorkerPool:
         self.close()
 
 
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
+
+
 def _trim_heap() -> None:
     """glibc keeps freed memory in the heap (a fit's activations, hundreds of MB for a BERT
     batch) and fragments it across fits of different sequence lengths: give it back, so that a
     worker's memory does not creep up with the number of clients it serves."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def _map_large_allocations() -> None:
+    """Serve allocations of 1 MiB and more (activations) from their own mappings, returned to the
+    OS when freed. glibc's default raises that threshold as big blocks are freed, so a fit's
+    activations of varying sequence lengths end up fragmenting the heap: measured on MiniLM
+    (batch 16 x 64 tokens), this lowers two workers' peak by about 180 MB at the same speed."""
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -198,6 +215,7 @@ def _serve(
 ) -> None:
     """A worker's loop: decode the round's instructions, run its clients, send encoded outcomes."""
     torch.set_num_threads(1)
+    _map_large_allocations()
     while (jobs := link.recv()) is not None:
         try:
             instructions = {
