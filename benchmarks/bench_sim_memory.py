@@ -5,18 +5,21 @@
 Each run is its own process (so peaks do not mix): the packaged all-MiniLM-L6-v2 (seq_cls, LoRA
 r=8 on query/value + head) on the same 1,000 SST-2 sentences split IID over N clients, one round
 with every client training 2 steps of 8. Reported per run: the parent's exact peak RSS (VmHWM),
-the peak PSS and RSS of the whole process tree (sampled), and the client state held at the end.
+the peak distinct physical pages and PSS of the whole process tree (sampled, see process_tree.py),
+the tree's distinct pages once the round is over (what it holds, without the activations' peak),
+and the tensors held in client and server state.
 Then MB per extra client = (peak at the largest N - peak at the smallest N) / (difference in N),
 next to the adapter's size (what travels, LoRA + head) and the base model's (what a copy per client
 would cost). fedavg_lora keeps no client state; admm keeps two adapters per client (its local
 adapter and the last one received) and the server one more (each client's latest upload).
-A last run repeats the largest N with `workers = 2` to show forked workers share the model.
+fedavg_lora is run again with `workers = 2` (forked workers sharing the model, trimming their heap).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import warnings
@@ -31,7 +34,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from process_tree import MB, run_measured  # noqa: E402
+from process_tree import MB, TreeMonitor, run_measured  # noqa: E402
 
 from fedserver.engine import RoundEngine  # noqa: E402
 from fedserver.metrics import MetricsLog  # noqa: E402
@@ -79,12 +82,15 @@ def measured_run(strategy: str, clients: int, workers: int, out: Path) -> None:
                          config.train.eval_batch_size, MetricsLog(out.parent / f"metrics-{out.stem}"))
     with pool or nullcontext():
         run_round(federation, engine, 1, pool)
+        after_round = TreeMonitor(os.getpid())
+        after_round.sample()  # what the tree holds once the round is over (workers still alive)
     hwm_kb = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
                   if line.startswith("VmHWM:"))
     base = sum(p.numel() * p.element_size() for p in federation.workspace.model.parameters() if not p.requires_grad)
     client_state = 0 if pool else sum(tensor_bytes(c.state_dict()) for c in federation.clients.values())
     out.write_text(json.dumps({
         "parent_peak_rss_mb": hwm_kb / 1024,
+        "held_after_mb": after_round.peak.unique_mb,
         "adapter_mb": payload_size(federation.server.global_tensors) / MB,
         "base_model_mb": base / MB,
         "client_state_mb": client_state / MB,
@@ -103,7 +109,7 @@ def main() -> None:
         measured_run(strategy, int(clients), int(workers), Path(out))
         return
     runs = [(strategy, n, 1) for strategy in args.strategies for n in args.clients]
-    runs.append((args.strategies[0], max(args.clients), 2))
+    runs += [(args.strategies[0], n, 2) for n in args.clients]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_sim_memory_") as scratch:
         for strategy, clients, workers in runs:
@@ -120,28 +126,28 @@ def main() -> None:
 def report(rows: list[dict[str, Any]], fewest: int, most: int) -> None:
     adapter, base = rows[0]["adapter_mb"], rows[0]["base_model_mb"]
     print(f"\nadapter (LoRA + head, what travels): {adapter:.3f} MB; frozen base model: {base:.1f} MB\n")
-    print("strategy      clients workers  parent peak RSS  tree distinct pages  tree PSS  client state  server state")
+    print("strategy      clients workers  parent peak RSS  tree peak: distinct pages  PSS   after the round"
+          "  client state  server state")
     for row in rows:
-        distinct = row["tree_unique_mb"] or float("nan")
+        distinct, after = (row[key] or float("nan") for key in ("tree_unique_mb", "held_after_mb"))
         print(f"{row['strategy']:<13} {row['clients']:>7} {row['workers']:>7}  {row['parent_peak_rss_mb']:>12.0f} MB"
-              f"  {distinct:>16.0f} MB  {row['tree_pss_mb']:>5.0f} MB  {row['client_state_mb']:>9.2f} MB"
+              f"  {distinct:>19.0f} MB  {row['tree_pss_mb']:>5.0f} MB  {after:>10.0f} MB  {row['client_state_mb']:>9.2f} MB"
               f"  {row['server_state_mb']:>9.2f} MB")
     middle = sorted({row["clients"] for row in rows})[1:-1]
-    for strategy in dict.fromkeys(row["strategy"] for row in rows):
-        by_clients = {row["clients"]: row for row in rows if row["strategy"] == strategy and row["workers"] == 1}
-        print(f"\n{strategy}: per extra client (workers = 1, from the parent's exact peak RSS)")
+    for strategy, workers in dict.fromkeys((row["strategy"], row["workers"]) for row in rows):
+        by_clients = {row["clients"]: row for row in rows if row["strategy"] == strategy and row["workers"] == workers}
+        print(f"\n{strategy}, workers = {workers}: per extra client")
         for low in [fewest, *middle]:
             extra = most - low
-            rss = (by_clients[most]["parent_peak_rss_mb"] - by_clients[low]["parent_peak_rss_mb"]) / extra
             state = sum(by_clients[most][k] - by_clients[low][k] for k in ("client_state_mb", "server_state_mb")) / extra
-            print(f"  {low:>3} -> {most} clients: {rss:+.2f} MB per client = {rss / adapter:+.1f} adapters"
-                  f" = {rss / base:+.4f} base models (tensors held: {state:+.2f} MB per client)")
-    one, two = (next(r for r in rows if r["strategy"] == rows[0]["strategy"] and r["clients"] == most
-                     and r["workers"] == w) for w in (1, 2))
-    if one["tree_unique_mb"] and two["tree_unique_mb"]:
-        print(f"\nworkers = 2 vs 1 at {most} clients: tree peak distinct pages {two['tree_unique_mb']:.0f} vs "
-              f"{one['tree_unique_mb']:.0f} MB ({two['tree_unique_mb'] - one['tree_unique_mb']:+.0f} MB for the second "
-              f"worker: its activations and heap; a model copy alone would be {base:.0f} MB more)")
+            line = f"  {low:>3} -> {most} clients:"
+            for label, key in (("parent peak RSS", "parent_peak_rss_mb"), ("tree peak", "tree_unique_mb"),
+                               ("tree after the round", "held_after_mb")):
+                if key == "parent_peak_rss_mb" and workers > 1 or by_clients[low][key] is None:
+                    continue  # with workers the parent holds no client's work
+                grown = (by_clients[most][key] - by_clients[low][key]) / extra
+                line += f"  {label} {grown:+.2f} MB = {grown / adapter:+.1f} adapters = {grown / base:+.4f} models;"
+            print(f"{line}  tensors held {state:+.2f} MB")
 
 
 if __name__ == "__main__":

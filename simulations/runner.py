@@ -84,7 +84,7 @@ def run_round(federation: Federation, engine: RoundEngine, round: int, pool: Wor
     else:
         outcomes = pool.run(round, received)
     for client_id in sorted(outcomes):
-        outcome = outcomes[client_id]
+        outcome = outcomes.pop(client_id)  # drop each encoded update once decoded: one copy per client, not two
         if outcome.retired is not None:
             federation.retired.add(client_id)
             log.warning("fedsim: %s", outcome.retired)
