@@ -273,9 +273,6 @@ class CompressionClient(ClientWrapper):
                 self.residual[name] = dropped
         return update.model_copy(update={"tensors": tensors})
 
-    def idle(self, workspace: Workspace, round: int, data: TokenDataset) -> None:
-        self.inner.idle(workspace, round, data)
-
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "residual": {name: t.clone() for name, t in self.residual.items()}}
 

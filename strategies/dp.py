@@ -397,9 +397,6 @@ class DpClientWrapper(ClientWrapper):
         super().__init__(inner)
         self.dp = dp
 
-    def idle(self, workspace: Workspace, round: int, data: TokenDataset) -> None:
-        self.inner.idle(workspace, round, data)
-
 
 class ClientLevelClient(DpClientWrapper):
     """Trains as the inner client, then sends θ^t + clip(θ_i − θ^t) with C from the instruction."""

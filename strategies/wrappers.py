@@ -76,6 +76,9 @@ class ClientWrapper(ClientStrategy):
     def fit(self, workspace: Workspace, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
         return self.inner.fit(workspace, instruction, data)
 
+    def idle(self, workspace: Workspace, round: int, data: TokenDataset) -> None:
+        self.inner.idle(workspace, round, data)
+
     def state_dict(self) -> dict[str, Any]:
         return {"inner": self.inner.state_dict()}
 

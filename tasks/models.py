@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -39,7 +40,9 @@ def load_model(config: ModelConfig, seed: int = 0) -> ModelBundle:
         tokenizer = char_tokenizer()
         model = tiny_model(config.path, len(tokenizer), config.num_labels, seed)
     else:
-        model, tokenizer = _load_local(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # a head missing from the checkpoint is drawn reproducibly
+            model, tokenizer = _load_local(config)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
