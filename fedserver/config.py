@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 from protos.payload import Limits
 from protos.runspec import RunSpec
 from strategies.registry import WRAPPER_MODULES, validate_run_options
-from tasks.config import StrictModel, TaskConfig, resolve_path
+from tasks.config import StrictModel, TaskConfig, format_validation_error, resolve_path
 
 RUN_FIELDS = ("strategy", "options", "dp", "compression", "model", "data", "train", "rounds", "seed")
 
@@ -82,20 +82,11 @@ class ServerConfig(TaskConfig):
         return [name for name in RUN_FIELDS if mine[name] != theirs[name]]
 
 
-def _format(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"])
-        message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"  {location}: {message}" if location else f"  {message}")
-    return "\n".join(lines)
-
-
 def parse_server_config(raw: dict[str, Any], source: str, base_dir: Path | None) -> ServerConfig:
     try:
         config = ServerConfig.model_validate(raw)
     except ValidationError as error:
-        raise ServerConfigError(f"{source}: invalid config\n{_format(error)}") from error
+        raise ServerConfigError(f"{source}: invalid config\n{format_validation_error(error)}") from error
     return _resolve_paths(config, base_dir)
 
 

@@ -11,8 +11,8 @@ from pydantic import Field, ValidationError, model_validator
 from simulations.channel import ChannelConfig
 from strategies.api import DeviceProfile, StrategyConfig
 from strategies.codecs import SUPPORTED_CODECS
-from strategies.registry import WRAPPER_MODULES, UnknownStrategy, get_strategy, wrapper_config
-from tasks.config import DataConfig, ModelConfig, TaskConfig, resolve_path
+from strategies.registry import WRAPPER_MODULES, validate_run_options
+from tasks.config import DataConfig, ModelConfig, TaskConfig, format_validation_error, resolve_path
 
 
 class ConfigError(ValueError):
@@ -40,15 +40,6 @@ class SimulationConfig(TaskConfig):
     @model_validator(mode="after")
     def _strategy_options(self) -> "SimulationConfig":
         self.strategy_config()
-        for section in WRAPPER_MODULES:
-            options = getattr(self, section)
-            if options is not None:
-                try:
-                    wrapper_config(section, options)
-                except ValidationError as error:
-                    raise ValueError("; ".join(
-                        f"{section}.{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors()
-                    )) from error
         return self
 
     def device_profile(self, client_id: str) -> DeviceProfile:
@@ -59,27 +50,8 @@ class SimulationConfig(TaskConfig):
         return {section: getattr(self, section) for section in WRAPPER_MODULES}
 
     def strategy_config(self) -> StrategyConfig:
-        """The options validated by the strategy's own model; errors are reported as options.<field>."""
-        try:
-            definition = get_strategy(self.strategy)
-        except UnknownStrategy as error:
-            raise ValueError(str(error)) from error
-        try:
-            return definition.parse_config(self.options)
-        except ValidationError as error:
-            details = "; ".join(
-                f"options.{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors()
-            )
-            raise ValueError(details) from error
-
-
-def format_validation_error(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"])
-        message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"  {location}: {message}" if location else f"  {message}")
-    return "\n".join(lines)
+        """The options and wrapper sections, each validated by its own model (errors name the field)."""
+        return validate_run_options(self.strategy, self.options, self.wrappers())
 
 
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> SimulationConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class StrictModel(BaseModel):
@@ -85,3 +85,13 @@ class TaskConfig(StrictModel):
         if self.model.path.startswith("builtin:") and self.model.kind != "causal_lm":
             raise ValueError("model.kind: the built-in tiny model is a causal_lm")
         return self
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """One line per bad field, `  section.field: message`, for config error reports."""
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"  {location}: {message}" if location else f"  {message}")
+    return "\n".join(lines)
