@@ -42,7 +42,20 @@ from strategies.api import ClientUpdate
 from tasks.data import load_records, partition, split_holdout
 
 BIN = Path(sys.executable).parent
-STRATEGIES = ["fedavg_lora", "ffa_lora"]
+# Each case is a run config's differences from run_config(): every built-in strategy, and each
+# wrapper (DP at both levels, a codec) around a LoRA strategy. Noise is seeded so that fedsim's
+# result is the reference bit for bit.
+E2E_CASES: dict[str, dict[str, Any]] = {
+    "fedavg_lora": {"strategy": "fedavg_lora"},
+    "ffa_lora": {"strategy": "ffa_lora"},
+    "fedkseed": {"strategy": "fedkseed", "options": {"seed_pool_size": 64}},
+    "admm": {"strategy": "admm"},
+    "fedavg_lora+client_dp": {"strategy": "fedavg_lora", "dp": {
+        "level": "client", "clipping_norm": 0.05, "noise_multiplier": 0.5, "noise_seed": 7}},
+    "ffa_lora+sample_dp": {"strategy": "ffa_lora", "dp": {
+        "level": "sample", "clipping_norm": 1.0, "noise_multiplier": 1.0, "noise_seed": 7}},
+    "fedavg_lora+int4": {"strategy": "fedavg_lora", "compression": {"codec": "int4", "downlink": "fp16"}},
+}
 CLIENTS = ["client-000", "client-001", "client-002"]
 MiB = 1 << 20
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -93,24 +106,32 @@ def write_partitions(config: dict[str, Any], directory: Path) -> dict[str, Path]
     return files
 
 
+def load_global(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor a run saved as its global model (an adapter, or a full model for fedkseed)."""
+    files = sorted(directory.glob("*.safetensors"))
+    assert files, f"no safetensors file in {directory}"
+    return {name: tensor for file in files for name, tensor in load_file(file).items()}
+
+
 _fedsim_cache: dict[str, dict[str, torch.Tensor]] = {}
 
 
-def fedsim_adapter(strategy: str, tmp_dir: Path) -> dict[str, torch.Tensor]:
-    """The final global adapter fedsim computes for run_config(strategy) (cached per strategy)."""
-    if strategy not in _fedsim_cache:
+def fedsim_global(config: dict[str, Any], out_dir: Path) -> dict[str, torch.Tensor]:
+    """The final global model fedsim computes for `config`, on one torch thread like the devices
+    (cached per config; `out_dir` keeps the run's metrics)."""
+    key = json.dumps(config, sort_keys=True)
+    if key not in _fedsim_cache:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            run_simulation(SimulationConfig.model_validate(run_config(strategy)), tmp_dir / f"fedsim-{strategy}",
-                           show_progress=False)
+            run_simulation(SimulationConfig.model_validate(config), out_dir, show_progress=False)
         finally:
             torch.set_num_threads(threads)
-        _fedsim_cache[strategy] = load_file(tmp_dir / f"fedsim-{strategy}" / "global" / "adapter_model.safetensors")
-    return _fedsim_cache[strategy]
+        _fedsim_cache[key] = load_global(out_dir / "global")
+    return _fedsim_cache[key]
 
 
-def assert_same_adapter(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     assert sorted(got) == sorted(want)
     different = [name for name in want if not torch.equal(got[name], want[name])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
@@ -141,8 +162,8 @@ class Server:
     def metrics(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
 
-    def adapter(self) -> dict[str, torch.Tensor]:
-        return load_file(self.run_dir / "global" / "adapter_model.safetensors")
+    def global_model(self) -> dict[str, torch.Tensor]:
+        return load_global(self.run_dir / "global")
 
 
 def init_run(run_dir: Path, clients: int) -> list[str]:
@@ -227,20 +248,26 @@ def stored(run_dir: Path, query) -> Any:
 # -- the same result as fedsim --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_server_and_three_clients_give_fedsims_adapter(strategy: str, tmp_path: Path):
-    config = run_config(strategy)
+@pytest.mark.parametrize("case", E2E_CASES)
+def test_server_and_three_clients_give_fedsims_global_model(case: str, tmp_path: Path):
+    config = run_config(**E2E_CASES[case])
     tokens = init_run(tmp_path / "run", len(CLIENTS))
     files = write_partitions(config, tmp_path)
     server = start_server(tmp_path, config, {"min_clients": 3})
     clients = [start_client(server, tmp_path, cid, files[cid], token) for cid, token in zip(CLIENTS, tokens)]
-    want = fedsim_adapter(strategy, tmp_path)
+    want = fedsim_global(config, tmp_path / "fedsim")  # computed while the devices train
     finish(clients, tmp_path)
     assert server.wait(60) == 0, server.output()[-3000:]
     rows = server.metrics()
     assert [(row["round"], row["clients"], row.get("stragglers", 0)) for row in rows] == [(0, 0, 0), (1, 3, 0), (2, 3, 0)]
-    assert all(row["bytes_up"] > 0 and row["bytes_down"] > 0 for row in rows[1:])
-    assert_same_adapter(server.adapter(), want)
+    fedsim_rows = [json.loads(line) for line in (tmp_path / "fedsim" / "metrics.jsonl").read_text().splitlines()]
+    assert [row.get("epsilon") for row in rows] == [row.get("epsilon") for row in fedsim_rows]
+    assert ("dp" in config) == (rows[-1].get("epsilon", 0) > 0)  # a DP run is accounted for, over gRPC too
+    for key in ("bytes_up", "bytes_down"):  # fedsim's accounting predicts the real messages, whose
+        for row, reference in zip(rows[1:], fedsim_rows[1:]):  # ids and framing add < 100 B a client
+            assert row[key] > 0 and abs(row[key] - reference[key]) < 0.01 * reference[key] + 100 * len(CLIENTS), (
+                key, row[key], reference[key])
+    assert_same_tensors(server.global_model(), want)
 
 
 @pytest.fixture
@@ -312,7 +339,7 @@ def test_killed_server_resumes_and_ends_with_an_unbroken_runs_model(tmp_path: Pa
     assert server.wait(60) == 0, server.output()[-3000:]
     assert "round 2 continues with 2 of 3 updates already accepted" in server.output()
     assert [(row["round"], row["clients"]) for row in server.metrics()] == [(0, 0), (1, 3), (2, 3)]
-    assert_same_adapter(server.adapter(), fedsim_adapter("fedavg_lora", tmp_path))
+    assert_same_tensors(server.global_model(), fedsim_global(config, tmp_path / "fedsim"))
 
 
 # -- security and bad input -------------------------------------------------------------------
@@ -453,7 +480,7 @@ def test_a_64_mib_update_streams_in_chunks_and_arrives_bit_identical(tmp_path: P
     assert client.push(update)
     assert client.run() == "all 1 rounds completed"
     assert server.wait(120) == 0, server.output()[-3000:]
-    saved = server.adapter()
+    saved = server.global_model()
     assert sorted(saved) == sorted(tensors)
     digest = lambda ts: hashlib.sha256(b"".join(ts[n].numpy().tobytes() for n in sorted(ts))).hexdigest()  # noqa: E731
     assert digest(saved) == digest(tensors)
