@@ -132,12 +132,20 @@ def bench_step(smollm: bool, batch_size: int, repeats: int) -> None:
     data = federation.data.clients["client-000"]
     batch = next(data.train_batches(1, batch_size, torch.Generator().manual_seed(0)))
     print(f"batch {tuple(batch['input_ids'].shape)}, threads {torch.get_num_threads()}")
-    forward, step, passes = [], [], []
-    for repeat in range(repeats):
+    forward, step, passes, serial_passes = [], [], [], []
+    threads = torch.get_num_threads()
+
+    def three_passes(seed: int, thread_count: int) -> float:
+        torch.set_num_threads(thread_count)
         started = time.perf_counter()
         for scale in (1e-3, -2e-3, 1e-3):
-            perturb(workspace.parameters, workspace.pool[repeat], scale)
-        passes.append(time.perf_counter() - started)
+            perturb(workspace.parameters, seed, scale)
+        torch.set_num_threads(threads)
+        return time.perf_counter() - started
+
+    for repeat in range(repeats):
+        passes.append(three_passes(workspace.pool[repeat], threads))
+        serial_passes.append(three_passes(workspace.pool[repeat], 1))
         started = time.perf_counter()
         batch_loss(workspace.model, batch)
         batch_loss(workspace.model, batch)
@@ -148,7 +156,8 @@ def bench_step(smollm: bool, batch_size: int, repeats: int) -> None:
     best_forward, best_step, best_passes = min(forward), min(step), min(passes)
     print(f"two forwards {best_forward:.3f} s, FedKSeed step {best_step:.3f} s, ratio {best_step / best_forward:.2f} "
           f"(min of {repeats}; all forwards {[round(t, 3) for t in forward]}, steps {[round(t, 3) for t in step]})")
-    print(f"three perturbation passes alone {best_passes:.3f} s (all {[round(t, 3) for t in passes]}): "
+    print(f"three perturbation passes alone {best_passes:.3f} s on {threads} threads (all {[round(t, 3) for t in passes]}), "
+          f"{min(serial_passes):.3f} s on 1 thread ({min(serial_passes) / best_passes:.2f}x); "
           f"(two forwards + passes) / two forwards = {(best_forward + best_passes) / best_forward:.2f}")
 
 

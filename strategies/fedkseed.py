@@ -6,11 +6,14 @@ Every floating-point parameter of the plain transformers model is trained (no pe
 - Seed pool: K seeds `hash_seed(run seed, "fedkseed-pool", k)`, derived by everyone from the run
   seed, so the pool never travels. K defaults to 4096, the reference code's default (the README's
   example commands pass 1024).
-- Perturbation z(s): a CPU `torch.Generator` (mt19937) seeded with s draws `torch.randn` in
-  float32 for each parameter in canonical order (sorted names), one parameter at a time, so a
-  perturbation never costs more than one parameter's memory. Bit-identical across processes on
-  the same CPU kind; torch picks its vectorised normal kernel by CPU capability, so across
-  machines pin `ATEN_CPU_CAPABILITY` to one value.
+- Perturbation z(s): the trained parameters in canonical order (sorted names), each cut into
+  chunks of `PERTURBATION_CHUNK` values; chunk c of parameter p is `torch.randn` in float32 from
+  its own CPU `torch.Generator` (mt19937) seeded with `hash_seed(s, p, c)`. Independent streams
+  let chunks be generated on all cores at once (torch's normal generator is single-threaded, and
+  regenerating z three times a step is FedKSeed's main overhead), and z does not depend on the
+  thread count. A perturbation holds one chunk per thread (4 MB), never a copy of the model.
+  Bit-identical across processes on the same CPU kind; torch picks its vectorised normal kernel by
+  CPU capability, so across machines pin `ATEN_CPU_CAPABILITY` to one value.
 - Client step (MeZO pattern, Malladi et al. arXiv:2305.17333, Alg. 1; algorithms.md §3.3): w += εz,
   L+; w −= 2εz, L−; g = (L+ − L−)/2ε; then w += (ε − ηg)z, the restore and the update fused in one
   pass. Losses in fp32 under model.eval(); a NaN (or over-clip) loss difference only restores and
@@ -44,7 +47,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +89,7 @@ LOG_VALUE = "log_value"
 CHECKPOINT_PREFIX = "checkpoint/"
 TENSOR_FRAMING = 32  # a tensor's protobuf framing besides its name (tags, lengths, dtype, shape), about
 GENESIS_DIGEST = "0" * 16
+PERTURBATION_CHUNK = 1 << 20  # values per z stream: part of z's definition, never tied to a thread count
 
 NamedParameters = list[tuple[str, nn.Parameter]]
 
@@ -123,18 +129,59 @@ def index_dtype(pool_size: int) -> torch.dtype:
     return torch.int16 if pool_size <= 2**15 else torch.int32
 
 
+def chunk_noise(seed: int, parameter_index: int, chunk_index: int, size: int) -> torch.Tensor:
+    """One chunk of z(seed): standard normal float32 from its own CPU mt19937 stream."""
+    generator = torch.Generator(device="cpu").manual_seed(hash_seed(seed, parameter_index, chunk_index))
+    return torch.randn(size, generator=generator, dtype=torch.float32)
+
+
+def chunk_bounds(numel: int) -> list[tuple[int, int]]:
+    return [(start, min(start + PERTURBATION_CHUNK, numel)) for start in range(0, numel, PERTURBATION_CHUNK)]
+
+
 def perturbation(parameters: NamedParameters, seed: int) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
-    """z(seed) one parameter at a time: standard normal float32 from a CPU mt19937 generator."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    for _, parameter in parameters:
-        yield parameter, torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
+    """z(seed) one whole parameter at a time (for checks; `perturb` works chunk by chunk)."""
+    for index, (_, parameter) in enumerate(parameters):
+        chunks = [chunk_noise(seed, index, chunk, stop - start)
+                  for chunk, (start, stop) in enumerate(chunk_bounds(parameter.numel()))]
+        yield parameter, torch.cat(chunks).view(parameter.shape)
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}  # by thread count, which follows torch.set_num_threads
+
+
+def _perturbation_pool(threads: int) -> ThreadPoolExecutor:
+    if threads not in _pools:
+        _pools[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fedkseed-z")
+    return _pools[threads]
+
+
+def _forget_pool_after_fork() -> None:
+    """A forked child (a fedsim worker) inherits the pool objects but not their threads."""
+    _pools.clear()
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 @torch.no_grad()
 def perturb(parameters: NamedParameters, seed: int, scale: float) -> None:
-    """w ← w + scale·z(seed), in place."""
-    for parameter, z in perturbation(parameters, seed):
-        parameter.add_(z.to(device=parameter.device, dtype=parameter.dtype), alpha=scale)
+    """w ← w + scale·z(seed), in place, chunks spread over torch's thread count."""
+    chunks = [(parameter, index, chunk, start, stop)
+              for index, (_, parameter) in enumerate(parameters)
+              for chunk, (start, stop) in enumerate(chunk_bounds(parameter.numel()))]
+
+    def add_chunk(task: tuple[nn.Parameter, int, int, int, int]) -> None:
+        parameter, index, chunk, start, stop = task
+        z = chunk_noise(seed, index, chunk, stop - start)
+        parameter.view(-1)[start:stop].add_(z.to(device=parameter.device, dtype=parameter.dtype), alpha=scale)
+
+    threads = torch.get_num_threads()
+    if threads == 1 or len(chunks) < 2 * threads:  # too little work to be worth the hand-off
+        for task in chunks:
+            add_chunk(task)
+    else:
+        list(_perturbation_pool(threads).map(add_chunk, chunks))
 
 
 @dataclass(frozen=True)
@@ -234,6 +281,8 @@ class SeedWorkspace:
         self.parameters: NamedParameters = sorted(
             (name, parameter) for name, parameter in self.model.named_parameters() if parameter.is_floating_point()
         )
+        for _, parameter in self.parameters:  # perturbation adds into flat views of each parameter
+            parameter.data = parameter.data.contiguous()
         self.pool = seed_pool(context.seed, config.seed_pool_size)
         self.learning_rate = context.train.learning_rate
         self.version = GENESIS

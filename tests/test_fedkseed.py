@@ -20,6 +20,7 @@ from strategies.fedkseed import (
     CHECKPOINT_PREFIX,
     GENESIS,
     LOG_INDEX,
+    PERTURBATION_CHUNK,
     SCALAR_GRAD,
     SEED_INDEX,
     SEED_LEVEL,
@@ -30,6 +31,7 @@ from strategies.fedkseed import (
     SeedWorkspace,
     amplitude_levels,
     encode_log,
+    perturb,
     perturbation,
     seed_probabilities,
     versions_along,
@@ -234,6 +236,26 @@ def test_two_point_estimator_is_unbiased_on_a_quadratic():
     expected = hessian @ weight.detach().double()
     standard_error = samples.std(dim=0) / math.sqrt(len(samples))
     assert bool(((samples.mean(dim=0) - expected).abs() <= 3 * standard_error).all())
+
+
+def test_perturbation_is_the_same_on_any_thread_count():
+    """z is defined per chunk, so spreading chunks over threads must not change a single bit."""
+    weight = torch.nn.Parameter(torch.zeros(5 * PERTURBATION_CHUNK + 3), requires_grad=False)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            weight.zero_()
+            perturb([("w", weight)], seed=7, scale=1.0)
+            results.append(weight.detach().clone())
+    finally:
+        torch.set_num_threads(threads)
+    (_, z), = perturbation([("w", weight)], 7)
+    assert all(torch.equal(result, z) for result in results)
+    first, second = z[:PERTURBATION_CHUNK], z[PERTURBATION_CHUNK:2 * PERTURBATION_CHUNK]
+    assert not torch.equal(first, second)  # every chunk is its own stream
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
 
 
 def test_perturb_and_restore_stays_within_rounding():
