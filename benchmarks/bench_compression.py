@@ -7,7 +7,8 @@ tensors of the MiniLM LoRA adapter (24 small tensors + the head) and on one 4M-e
 size of LLaMA-7B's q,v LoRA r=8 adapter in one piece).
 Part 2, accuracy: fedavg_lora on the packaged all-MiniLM-L6-v2, SST-2, 10 clients (label-Dirichlet
 α = 0.5), run side by side on the same seeds with no compression, fp16, int8, int4 (blocks of 64),
-top-k 10% + error feedback, and top-k 1% + ternary + error feedback. Bytes are what fedsim measures
+top-k 10% + error feedback, top-k 1% + ternary + error feedback, and variants that leave tensors
+under 1,024 values (the classification head) dense (`dense_below`). Bytes are what fedsim measures
 (serialized protobuf of every message). Kept small for a shared CPU: 3,000 training sentences,
 max_length 64; the global model is evaluated once, after the last round, on the whole SST-2 test set
 (GLUE dev, 872 sentences). Writes benchmarks/results/compression.csv.
@@ -42,6 +43,10 @@ RUNS: dict[str, dict[str, Any] | None] = {
     "int4": {"codec": "int4", "block_size": 64},
     "topk 10% + EF": {"codec": "topk", "density": 0.10},
     "topk 1% + ternary + EF": {"codec": "topk_ternary", "density": 0.01},
+    "topk 10% + EF, small dense": {"codec": "topk", "density": 0.10, "dense_below": 1024},
+    "topk 1% + ternary + EF, small dense": {"codec": "topk_ternary", "density": 0.01, "dense_below": 1024},
+    "topk 50% + ternary + EF, small dense": {"codec": "topk_ternary", "density": 0.5, "dense_below": 1024},
+    "ternary + EF, small dense": {"codec": "topk_ternary", "density": 1.0, "dense_below": 1024},
 }
 
 

@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 6.0])
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "dp_ffa_lora.json")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--figure", type=Path, default=FIGURE)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -127,10 +128,10 @@ def main() -> None:
               f"| {spent} |")
     print(f"\nbefore training: {results[0]['accuracy_by_round'][0]:.3f}; "
           f"total {sum(r['seconds'] for r in results):.0f} s")
-    plot(results, epsilons, FIGURE)
+    plot(results, epsilons, args.figure)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
-    print(f"wrote {FIGURE.relative_to(ROOT)} and {args.json}")
+    print(f"wrote {args.figure} and {args.json}")
 
 
 if __name__ == "__main__":

@@ -79,6 +79,10 @@ class CodecParams(BaseModel):
     ternary_alpha: float | Literal["mean"] = Field(
         "mean", description="topk_ternary scale: alpha * std(x) (ComPEFT) or the kept entries' mean |x| (STC)."
     )
+    dense_below: int = Field(
+        0, ge=0, description="Tensors with fewer values than this go as fp16 instead: a classifier head or a "
+        "bias is a few hundred values that top-k would starve (Deep Gradient Compression leaves them dense too).",
+    )
 
 
 def topk_count(numel: int, density: float) -> int:

@@ -267,7 +267,8 @@ class CompressionClient(ClientWrapper):
             sent = received.get(name)
             delta = tensor.to(torch.float32) - (0 if sent is None else sent.to(torch.float32))
             residual = self.residual.get(name) if settings.error_feedback else None
-            blob, dropped = compress_with_feedback(delta, residual, settings.codec, settings, name, generator)
+            codec = settings.codec if delta.numel() >= settings.dense_below else "fp16"
+            blob, dropped = compress_with_feedback(delta, residual, codec, settings, name, generator)
             tensors[name + ENCODED_SUFFIX] = blob
             if settings.error_feedback:
                 self.residual[name] = dropped

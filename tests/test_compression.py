@@ -14,7 +14,7 @@ from protos.convert import wire_size
 from simulations.config import ConfigError, load_config
 from simulations.runner import Federation, build_federation, run_round, run_simulation
 from strategies.api import ClientUpdate, DeviceProfile, Instruction, InvalidInstruction, InvalidUpdate
-from strategies.codecs import SUPPORTED_CODECS, CodecParams, decode, encode, encoded_size
+from strategies.codecs import CODEC_IDS, SUPPORTED_CODECS, CodecParams, decode, encode, encoded_size
 from strategies.compression import (
     ENCODED_SUFFIX,
     CodecSettings,
@@ -107,6 +107,22 @@ def test_int8_update_decodes_to_the_trained_tensors_within_half_a_step(federatio
         assert (decoded.tensors[name] - trained).abs().max() <= step / 2 + 1e-6, name
         sent_delta = decoded.tensors[name] - instruction.tensors[name]
         torch.testing.assert_close(client.residual[name], delta - sent_delta, atol=1e-6, rtol=0)
+
+
+def test_tensors_below_dense_below_go_as_fp16_and_the_rest_with_the_codec():
+    small = build_federation(tiny_config(compression={"codec": "topk", "density": 0.1, "dense_below": 1000}))
+    client = small.clients[CLIENT]
+    small.server.on_client_registered(CLIENT, DeviceProfile(codecs=SUPPORTED_CODECS))
+    instruction, update = fit(small, small.server, client)
+    plain = uncompressed_update(small, client, instruction)
+    codecs = {name: int(update.tensors[name + ENCODED_SUFFIX][1]) for name in plain.tensors}  # blob byte 1: codec id
+    want = {name: CODEC_IDS["fp16" if tensor.numel() < 1000 else "topk"] for name, tensor in plain.tensors.items()}
+    assert codecs == want and len(set(want.values())) == 2
+    decoded = small.server.decode_update(update, 1)
+    for name, trained in plain.tensors.items():
+        if trained.numel() < 1000:  # fp16 keeps the small tensors to within fp16 rounding of the delta
+            delta = trained - instruction.tensors[name]
+            assert (decoded.tensors[name] - trained).abs().max() <= delta.abs().max() * 2**-10 + 1e-7, name
 
 
 def test_ffa_lora_with_ternary_updates_and_fp16_downlink_trains_a_round(tmp_path):
