@@ -59,7 +59,8 @@ def main() -> None:
     parser.add_argument("--clients-per-round", type=int, default=10)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--snr-db", type=float, default=10.0, help="per-tensor SNR on both links")
-    parser.add_argument("--rho", type=float, default=1.0)
+    parser.add_argument("--rho", type=float, nargs="+", default=[1.0], help="one admm pair of runs per value")
+    parser.add_argument("--csv", default="admm_lora.csv", help="file name under benchmarks/results")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     args = parser.parse_args()
@@ -67,29 +68,31 @@ def main() -> None:
     runs = {
         "fedavg_lora, clean links": config("fedavg_lora", {}, None, args),
         f"fedavg_lora, SNR {args.snr_db:g} dB": config("fedavg_lora", {}, args.snr_db, args),
-        f"admm eliminated, SNR {args.snr_db:g} dB": config("admm", {"rho": args.rho}, args.snr_db, args),
-        f"admm stored dual, SNR {args.snr_db:g} dB": config("admm", {"rho": args.rho, "dual": "stored"}, args.snr_db, args),
     }
+    for rho in args.rho:
+        runs[f"admm eliminated ρ={rho:g}, SNR {args.snr_db:g} dB"] = config("admm", {"rho": rho}, args.snr_db, args)
+        runs[f"admm stored dual ρ={rho:g}, SNR {args.snr_db:g} dB"] = config(
+            "admm", {"rho": rho, "dual": "stored"}, args.snr_db, args)
     rows = []
-    print(f"{'run':34} {'acc r0':>7} {'final acc':>9} {'best acc':>8} {'final loss':>10} {'MB up+down':>10} {'s':>6}")
+    print(f"{'run':42} {'acc r0':>7} {'final acc':>9} {'best acc':>8} {'final loss':>10} {'MB up+down':>10} {'s':>6}")
     for label, run_config in runs.items():
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as out:
             history = run_simulation(run_config, Path(out), show_progress=False)
         seconds = time.perf_counter() - started
         traffic = sum(m.bytes_up + m.bytes_down for m in history) / 1e6
-        print(f"{label:34} {history[0].eval_accuracy:7.3f} {history[-1].eval_accuracy:9.3f} "
+        print(f"{label:42} {history[0].eval_accuracy:7.3f} {history[-1].eval_accuracy:9.3f} "
               f"{max(m.eval_accuracy for m in history):8.3f} {history[-1].eval_loss:10.4f} {traffic:10.1f} {seconds:6.0f}",
               flush=True)
         rows += [{"run": label, "round": m.round, "eval_accuracy": m.eval_accuracy, "eval_loss": m.eval_loss,
                   "train_loss": m.train_loss, "clients": m.clients} for m in history]
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    with (results / "admm_lora.csv").open("w", newline="") as handle:
+    with (results / args.csv).open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {results / 'admm_lora.csv'}")
+    print(f"wrote {results / args.csv}")
 
 
 if __name__ == "__main__":

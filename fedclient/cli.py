@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     interactive = console.is_terminal and not args.quiet
     logging.basicConfig(level=logging.INFO, format="%(message)s" if interactive else "%(asctime)s fedclient %(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)] if interactive else None)
+                        handlers=[RichHandler(console=console, show_path=False)] if interactive else None,
+                        force=True)  # opacus configures the root logger when imported (a [dp] run)
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # raised inside peft
 
     from fedclient.client import ClientSettings, FederatedClient, Reporter

@@ -151,8 +151,9 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _configure_logging() -> None:
+    # force: opacus calls logging.basicConfig when imported (a [dp] run), which would silence ours
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fedserver %(levelname)s %(message)s",
-                        stream=sys.stderr)
+                        stream=sys.stderr, force=True)
 
 
 def status_report(run_dir: Path) -> dict[str, Any]:

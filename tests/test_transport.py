@@ -113,12 +113,17 @@ def load_global(directory: Path) -> dict[str, torch.Tensor]:
     return {name: tensor for file in files for name, tensor in load_file(file).items()}
 
 
-_fedsim_cache: dict[str, dict[str, torch.Tensor]] = {}
+@dataclass
+class FedsimResult:
+    global_model: dict[str, torch.Tensor]
+    metrics: list[dict[str, Any]]
 
 
-def fedsim_global(config: dict[str, Any], out_dir: Path) -> dict[str, torch.Tensor]:
-    """The final global model fedsim computes for `config`, on one torch thread like the devices
-    (cached per config; `out_dir` keeps the run's metrics)."""
+_fedsim_cache: dict[str, FedsimResult] = {}
+
+
+def fedsim_run(config: dict[str, Any], out_dir: Path) -> FedsimResult:
+    """What fedsim computes for `config`, on one torch thread like the devices (cached per config)."""
     key = json.dumps(config, sort_keys=True)
     if key not in _fedsim_cache:
         threads = torch.get_num_threads()
@@ -127,7 +132,8 @@ def fedsim_global(config: dict[str, Any], out_dir: Path) -> dict[str, torch.Tens
             run_simulation(SimulationConfig.model_validate(config), out_dir, show_progress=False)
         finally:
             torch.set_num_threads(threads)
-        _fedsim_cache[key] = load_global(out_dir / "global")
+        metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        _fedsim_cache[key] = FedsimResult(load_global(out_dir / "global"), metrics)
     return _fedsim_cache[key]
 
 
@@ -255,19 +261,19 @@ def test_server_and_three_clients_give_fedsims_global_model(case: str, tmp_path:
     files = write_partitions(config, tmp_path)
     server = start_server(tmp_path, config, {"min_clients": 3})
     clients = [start_client(server, tmp_path, cid, files[cid], token) for cid, token in zip(CLIENTS, tokens)]
-    want = fedsim_global(config, tmp_path / "fedsim")  # computed while the devices train
+    want = fedsim_run(config, tmp_path / "fedsim")  # computed while the devices train
     finish(clients, tmp_path)
     assert server.wait(60) == 0, server.output()[-3000:]
     rows = server.metrics()
     assert [(row["round"], row["clients"], row.get("stragglers", 0)) for row in rows] == [(0, 0, 0), (1, 3, 0), (2, 3, 0)]
-    fedsim_rows = [json.loads(line) for line in (tmp_path / "fedsim" / "metrics.jsonl").read_text().splitlines()]
+    fedsim_rows = want.metrics
     assert [row.get("epsilon") for row in rows] == [row.get("epsilon") for row in fedsim_rows]
     assert ("dp" in config) == (rows[-1].get("epsilon", 0) > 0)  # a DP run is accounted for, over gRPC too
     for key in ("bytes_up", "bytes_down"):  # fedsim's accounting predicts the real messages, whose
         for row, reference in zip(rows[1:], fedsim_rows[1:]):  # ids and framing add < 100 B a client
             assert row[key] > 0 and abs(row[key] - reference[key]) < 0.01 * reference[key] + 100 * len(CLIENTS), (
                 key, row[key], reference[key])
-    assert_same_tensors(server.global_model(), want)
+    assert_same_tensors(server.global_model(), want.global_model)
 
 
 @pytest.fixture
@@ -318,8 +324,10 @@ def test_killed_client_round_closes_on_quorum_and_the_client_is_scheduled_again(
     assert sorted(clients) == CLIENTS and clients["client-002"].rounds_done == 1
 
 
-def test_killed_server_resumes_and_ends_with_an_unbroken_runs_model(tmp_path: Path, one_torch_thread):
-    config = run_config("fedavg_lora")
+@pytest.mark.parametrize("case", ["fedavg_lora", "fedavg_lora+client_dp"])
+def test_killed_server_resumes_and_ends_with_an_unbroken_runs_model(case: str, tmp_path: Path, one_torch_thread):
+    """A DP run must also resume its accountant (and its noise stream) from the checkpoint."""
+    config = run_config(**E2E_CASES[case])
     tokens = init_run(tmp_path / "run", 3)
     files = write_partitions(config, tmp_path)
     port = free_port()
@@ -339,7 +347,9 @@ def test_killed_server_resumes_and_ends_with_an_unbroken_runs_model(tmp_path: Pa
     assert server.wait(60) == 0, server.output()[-3000:]
     assert "round 2 continues with 2 of 3 updates already accepted" in server.output()
     assert [(row["round"], row["clients"]) for row in server.metrics()] == [(0, 0), (1, 3), (2, 3)]
-    assert_same_tensors(server.global_model(), fedsim_global(config, tmp_path / "fedsim"))
+    want = fedsim_run(config, tmp_path / "fedsim")
+    assert [row.get("epsilon") for row in server.metrics()] == [row.get("epsilon") for row in want.metrics]
+    assert_same_tensors(server.global_model(), want.global_model)
 
 
 # -- security and bad input -------------------------------------------------------------------
