@@ -117,7 +117,7 @@ def main() -> None:
             results.append(result)
             print(json.dumps(result), flush=True)
 
-    print(f"\n| ε (δ = 1e-5) | fedavg_lora acc | ffa_lora acc | FFA − LoRA | largest client ε (LoRA / FFA) |")
+    print("\n| ε (δ = 1e-5) | fedavg_lora acc | ffa_lora acc | FFA − LoRA | largest client ε (LoRA / FFA) |")
     print("|---|---|---|---|---|")
     for epsilon in epsilons:
         lora, ffa = (next(r for r in results if r["strategy"] == s and r["epsilon_target"] == epsilon)

@@ -18,7 +18,6 @@ import asyncio
 import json
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path

@@ -170,6 +170,14 @@ def body_size(codec: str, numel: int, param: int) -> int:
 
 # --- 16-bit floats -------------------------------------------------------------------------------
 
+def within_range(codec: str, tensor: torch.Tensor) -> str:
+    """`codec`, or bf16 (the same size, fp32's range) for an fp16 tensor beyond ±65504: a large
+    update is sent a little coarser instead of failing its client's round."""
+    if codec == "fp16" and tensor.numel() and float(tensor.abs().max()) > FP16_MAX:
+        return "bf16"
+    return codec
+
+
 def _check_fp16_range(flat: torch.Tensor, name: str) -> None:
     peak = float(flat.abs().max()) if flat.numel() else 0.0
     if peak > FP16_MAX:

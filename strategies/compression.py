@@ -44,7 +44,7 @@ from strategies.api import (
     check_tensors,
     hash_seed,
 )
-from strategies.codecs import CodecError, CodecName, CodecParams, decode, encode
+from strategies.codecs import CodecError, CodecName, CodecParams, decode, encode, within_range
 from strategies.wrappers import ClientWrapper, ServerWrapper
 from tasks.data import TokenDataset
 
@@ -102,7 +102,7 @@ def compress_with_feedback(delta: torch.Tensor, residual: torch.Tensor | None, c
     x_t = Δ_t + e_t, so Σ_t D(C(x_t)) = Σ_t Δ_t − e_{T+1}: the decoded updates track the true ones.
     """
     target = delta if residual is None or residual.shape != delta.shape else delta + residual
-    blob = encode(codec, target, params, name=name, generator=generator)
+    blob = encode(within_range(codec, target), target, params, name=name, generator=generator)
     return blob, target - decode(blob, name=name).to(torch.float32)
 
 
@@ -159,7 +159,8 @@ class CompressionServer(ServerWrapper):
             if downlink == "none" or not tensor.is_floating_point():
                 tensors[name] = base[name] = tensor
             else:
-                tensors[name + ENCODED_SUFFIX] = encode(downlink, tensor, downlink_params, name=name)
+                codec = within_range(downlink, tensor)
+                tensors[name + ENCODED_SUFFIX] = encode(codec, tensor, downlink_params, name=name)
                 base[name] = decode(tensors[name + ENCODED_SUFFIX], name=name)
         codec = CodecSettings(
             codec=self.codec_for(client_id), error_feedback=self.compression.error_feedback,

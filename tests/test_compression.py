@@ -125,6 +125,17 @@ def test_tensors_below_dense_below_go_as_fp16_and_the_rest_with_the_codec():
             assert (decoded.tensors[name] - trained).abs().max() <= delta.abs().max() * 2**-10 + 1e-7, name
 
 
+def test_fp16_beyond_its_range_goes_as_bf16_instead_of_failing_the_round():
+    delta = torch.tensor([[1e6, -3.0], [0.5, 70000.0]])
+    blob, residual = compress_with_feedback(delta, None, "fp16", CodecParams(), "big", None)
+    assert int(blob[1]) == CODEC_IDS["bf16"]
+    decoded = decode(blob, name="big")
+    assert torch.allclose(decoded, delta, rtol=2**-8, atol=0)
+    assert torch.equal(residual, delta - decoded)  # error feedback keeps what bf16 rounded away
+    in_range, _ = compress_with_feedback(delta / 100, None, "fp16", CodecParams(), "small", None)
+    assert int(in_range[1]) == CODEC_IDS["fp16"]
+
+
 def test_ffa_lora_with_ternary_updates_and_fp16_downlink_trains_a_round(tmp_path):
     config = tiny_config(strategy="ffa_lora", partition={"scheme": "iid", "num_clients": 2},
                          compression={"codec": "topk_ternary", "density": 0.05, "downlink": "fp16"})

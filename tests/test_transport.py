@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,13 +28,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedclient.client import ClientSettings, FederatedClient, Reporter
+from fedclient.client import ClientSettings, FederatedClient
 from fedclient.connection import ConnectionSettings, FatalError
 from fedserver.cli import main as fedserver_main
 from fedserver.store import RunStore
 from protos import fedtune_pb2 as pb
 from protos import fedtune_pb2_grpc as rpc
-from protos.payload import PROTOCOL_VERSION, header_tensor, update_messages
+from protos.payload import header_tensor, update_messages
 from simulations.config import SimulationConfig
 from simulations.runner import run_simulation
 from strategies.api import ClientUpdate
