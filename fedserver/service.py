@@ -248,8 +248,10 @@ async def serve(config: ServerConfig, store: RunStore, resume: bool, announce: C
     endpoint.write_text(json.dumps({"host": config.server.host, "port": port, "pid": os.getpid(),
                                     "tls": not config.server.insecure, "run_id": coordinator.run_id}))
     await server.start()
+    progress = (f"round {coordinator.next_round} of {config.rounds}" if coordinator.next_round <= config.rounds
+                else f"all {config.rounds} rounds already done")  # a resumed finished run: clients hear DONE
     announce(f"listening on {config.server.host}:{port} ({'plaintext, --insecure' if config.server.insecure else 'TLS'}), "
-             f"run {coordinator.run_id[:8]}, {config.strategy}, round {coordinator.next_round} of {config.rounds}")
+             f"run {coordinator.run_id[:8]}, {config.strategy}, {progress}")
     run = asyncio.ensure_future(coordinator.run())
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

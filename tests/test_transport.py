@@ -349,6 +349,10 @@ def test_killed_server_resumes_and_ends_with_an_unbroken_runs_model(case: str, t
     want = fedsim_run(config, tmp_path / "fedsim")
     assert [row.get("epsilon") for row in server.metrics()] == [row.get("epsilon") for row in want.metrics]
     assert_same_tensors(server.global_model(), want.global_model)
+    rows = server.metrics()
+    again = start_server(tmp_path, config, {"min_clients": 3, "linger_s": 0}, resume=True, port=port)
+    assert again.wait(60) == 0, again.output()[-3000:]
+    assert "already finished (all 2 rounds completed)" in again.output() and again.metrics() == rows
 
 
 # -- security and bad input -------------------------------------------------------------------
