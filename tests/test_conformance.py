@@ -4,12 +4,13 @@ aggregation of identical updates, resumable server state, and named rejection of
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
 
 from simulations.runner import Federation, build_federation
-from strategies.api import ClientUpdate, InvalidUpdate
+from strategies.api import ClientUpdate, InvalidUpdate, TensorSpec, check_tensors
 from strategies.registry import BUILTIN_MODULES, get_strategy
 from tests.helpers import tiny_config
 
@@ -121,3 +122,17 @@ def test_client_state_stays_adapter_sized(federation):
         assert buffer.tell() <= 4 * update_bytes + 64 * 1024
     model_bytes = sum(p.numel() * p.element_size() for p in federation.workspace.model.parameters())
     assert 4 * update_bytes + 64 * 1024 < model_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, None])
+def test_check_tensors_finds_nan_and_inf_in_every_float_dtype(dtype, bad):
+    tensor = torch.zeros(3, 5, dtype=dtype)
+    if bad is not None:
+        tensor[2, 4] = bad
+    specs = {"w": TensorSpec(shape=(3, 5), dtype=dtype)}
+    if bad is None:
+        check_tensors({"w": tensor}, specs, "update")
+    else:
+        with pytest.raises(InvalidUpdate, match="update: tensor 'w' holds NaN or Inf"):
+            check_tensors({"w": tensor}, specs, "update")
