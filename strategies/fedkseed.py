@@ -177,8 +177,8 @@ def perturb(parameters: NamedParameters, seed: int, scale: float) -> None:
         parameter.view(-1)[start:stop].add_(z.to(device=parameter.device, dtype=parameter.dtype), alpha=scale)
 
     threads = torch.get_num_threads()
-    if threads == 1 or len(chunks) < 2 * threads:  # too little work to be worth the hand-off
-        for task in chunks:
+    if threads == 1 or sum(stop - start for *_, start, stop in chunks) < 2 * PERTURBATION_CHUNK:  # small models:
+        for task in chunks:  # the thread hand-off would cost more than it saves
             add_chunk(task)
     else:
         list(_perturbation_pool(threads).map(add_chunk, chunks))
