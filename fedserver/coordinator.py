@@ -241,11 +241,10 @@ class Coordinator:
                     if self.next_round > self.config.rounds:
                         reason = f"all {self.config.rounds} rounds completed"
                         break
-                    stop = await self._call(self.strategy.stop_reason, self.next_round)
+                    stop = await self._call(self.strategy.stop_reason, self.next_round) or await self._wait_for_clients()
                     if stop:
                         reason = stop
                         break
-                    await self._wait_for_clients()
                     await self._begin_round(self.next_round)
                 await self._wait_round_end()
                 await self._finish_round()
@@ -260,11 +259,27 @@ class Coordinator:
             housekeeping.cancel()
             await self._call(self._flush_activity)
 
-    async def _wait_for_clients(self) -> None:
+    async def _wait_for_clients(self) -> str | None:
+        """Wait until min_clients are live; or return why no round can ever start again."""
         wanted = self.config.server.min_clients
         while len(live := self.live_clients()) < wanted:
+            if ended := await self._everyone_left():
+                return ended
             self.waiting_for = f"waiting for {wanted} live clients (have {len(live)})"
             await self._wait(HOUSEKEEPING_S)
+        return None
+
+    async def _everyone_left(self) -> str | None:
+        """Every enrollment token is bound to a client that has left (e.g. each retired when its
+        privacy budget was spent), as fedsim stops when every client has retired. An unused token
+        keeps the server waiting: that device may still join."""
+        tokens = await self._call(self.store.tokens)
+        if not tokens or None in tokens.values():
+            return None
+        reasons = [self.sessions[cid].left for cid in sorted(set(tokens.values())) if cid in self.sessions]
+        if len(reasons) < len(set(tokens.values())) or not all(reasons):
+            return None
+        return f"every enrolled client has left (e.g. {reasons[0]})"
 
     async def _begin_round(self, round: int) -> None:
         available = self.live_clients()

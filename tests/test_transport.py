@@ -38,6 +38,7 @@ from protos.payload import header_tensor, update_messages
 from simulations.config import SimulationConfig
 from simulations.runner import run_simulation
 from strategies.api import ClientUpdate
+from strategies.dp import epsilon_of
 from tasks.data import load_records, partition, split_holdout
 
 BIN = Path(sys.executable).parent
@@ -353,6 +354,29 @@ def test_killed_server_resumes_and_ends_with_an_unbroken_runs_model(case: str, t
     again = start_server(tmp_path, config, {"min_clients": 3, "linger_s": 0}, resume=True, port=port)
     assert again.wait(60) == 0, again.output()[-3000:]
     assert "already finished (all 2 rounds completed)" in again.output() and again.metrics() == rows
+
+
+def test_clients_that_spend_their_privacy_budget_retire_and_the_server_ends_the_run(tmp_path: Path):
+    """Sample-level DP over gRPC: with a budget worth one round, every device retires when round 2
+    arrives, and the server ends the run once every enrolled client has left, as fedsim does."""
+    config = run_config("ffa_lora", rounds=4)
+    files = write_partitions(config, tmp_path)
+    steps, batch, z, delta = config["train"]["local_steps"], config["train"]["batch_size"], 1.0, 1e-5
+    rates = [batch / len(path.read_text().splitlines()) for path in files.values()]
+    one_round = max(epsilon_of([(z, rate, steps)], delta) for rate in rates)
+    two_rounds = min(epsilon_of([(z, rate, 2 * steps)], delta) for rate in rates)
+    assert one_round < two_rounds
+    config["dp"] = {"level": "sample", "clipping_norm": 1.0, "noise_multiplier": z, "delta": delta,
+                    "epsilon": (one_round + two_rounds) / 2, "noise_seed": 7}
+    tokens = init_run(tmp_path / "run", len(CLIENTS))
+    server = start_server(tmp_path, config, {"min_clients": 3, "linger_s": 0})
+    clients = [start_client(server, tmp_path, cid, files[cid], token) for cid, token in zip(CLIENTS, tokens)]
+    finish(clients, tmp_path)
+    assert server.wait(60) == 0, server.output()[-3000:]
+    assert "every enrolled client has left (e.g. retired: " in server.output()
+    assert [(row["round"], row["clients"]) for row in server.metrics()] == [(0, 0), (1, 3), (2, 0)]
+    assert server.metrics()[1]["epsilon"] <= config["dp"]["epsilon"]
+    assert all("retired" in (tmp_path / f"{cid}.log").read_text() for cid in CLIENTS)
 
 
 # -- security and bad input -------------------------------------------------------------------
