@@ -273,13 +273,11 @@ class Coordinator:
         """Every enrollment token is bound to a client that has left (e.g. each retired when its
         privacy budget was spent), as fedsim stops when every client has retired. An unused token
         keeps the server waiting: that device may still join."""
-        tokens = await self._call(self.store.tokens)
-        if not tokens or None in tokens.values():
+        clients = set((await self._call(self.store.tokens)).values())  # None: a token not used yet
+        sessions = [self.sessions.get(cid) if cid is not None else None for cid in sorted(clients, key=str)]
+        if not sessions or not all(session is not None and session.left for session in sessions):
             return None
-        reasons = [self.sessions[cid].left for cid in sorted(set(tokens.values())) if cid in self.sessions]
-        if len(reasons) < len(set(tokens.values())) or not all(reasons):
-            return None
-        return f"every enrolled client has left (e.g. {reasons[0]})"
+        return f"every enrolled client has left (e.g. {sessions[0].left})"
 
     async def _begin_round(self, round: int) -> None:
         available = self.live_clients()
