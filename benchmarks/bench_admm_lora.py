@@ -21,8 +21,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from simulations.config import SimulationConfig
-from simulations.runner import run_simulation
+from fedtune.simulations.config import SimulationConfig
+from fedtune.simulations.runner import run_simulation
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "sst2"

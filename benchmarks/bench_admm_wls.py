@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from strategies.admm_wls import WlsSettings, make_wls_problem, simulate
+from admm_wls import WlsSettings, make_wls_problem, simulate
 
 HERE = Path(__file__).resolve().parent
 CURVES = {  # label -> (algorithm, continual)

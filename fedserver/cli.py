@@ -17,9 +17,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from fedserver.config import ServerConfig, ServerConfigError, load_server_config, parse_server_config
-from fedserver.security import TlsFiles, create_tls, hash_token, new_token, write_tokens
-from fedserver.store import RunStore
+from fedtune.fedserver.config import ServerConfig, ServerConfigError, load_server_config, parse_server_config
+from fedtune.fedserver.security import TlsFiles, create_tls, hash_token, new_token, write_tokens
+from fedtune.fedserver.store import RunStore
 
 STATE_FILE = "state.sqlite"
 TOKENS_FILE = "enrollment-tokens.txt"
@@ -140,7 +140,7 @@ def _start(args: argparse.Namespace) -> int:
                              "a new run dir")
         _configure_logging()
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # raised inside peft
-        from fedserver.service import serve
+        from fedtune.fedserver.service import serve
 
         reason = asyncio.run(serve(config, store, args.resume, lambda line: print(f"fedserver: {line}", flush=True)))
     finally:

@@ -13,10 +13,10 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
-from protos.payload import Limits
-from protos.runspec import RunSpec
-from strategies.registry import WRAPPER_MODULES, validate_run_options
-from tasks.config import StrictModel, TaskConfig, format_validation_error, resolve_path
+from fedtune.protos.payload import Limits
+from fedtune.protos.runspec import RunSpec
+from fedtune.strategies.registry import WRAPPER_MODULES, validate_run_options
+from fedtune.tasks.config import StrictModel, TaskConfig, format_validation_error, resolve_path
 
 RUN_FIELDS = ("strategy", "options", "dp", "compression", "model", "data", "train", "rounds", "seed")
 

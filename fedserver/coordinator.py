@@ -29,15 +29,15 @@ from typing import Any, TypeVar
 
 import grpc
 
-from fedserver.config import ServerConfig
-from fedserver.engine import RoundEngine
-from fedserver.metrics import MetricsLog, RoundMetrics
-from fedserver.store import RunStore
-from protos import fedtune_pb2 as pb
-from protos.payload import CLIENT_ID_PATTERN
-from strategies.api import ClientUpdate, DeviceProfile, Instruction, InvalidUpdate, ServerStrategy, Workspace
-from tasks.data import TokenDataset, encode, load_records, split_holdout
-from tasks.models import load_model
+from fedtune.fedserver.config import ServerConfig
+from fedtune.fedserver.engine import RoundEngine
+from fedtune.fedserver.metrics import MetricsLog, RoundMetrics
+from fedtune.fedserver.store import RunStore
+from fedtune.protos import fedtune_pb2 as pb
+from fedtune.protos.payload import CLIENT_ID_PATTERN
+from fedtune.strategies.api import ClientUpdate, DeviceProfile, Instruction, InvalidUpdate, ServerStrategy, Workspace
+from fedtune.tasks.data import TokenDataset, encode, load_records, split_holdout
+from fedtune.tasks.models import load_model
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

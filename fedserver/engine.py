@@ -12,11 +12,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedserver.metrics import MetricsLog, RoundMetrics
-from protos.convert import wire_size
-from strategies.api import ClientUpdate, Instruction, InvalidUpdate, ServerStrategy, Workspace
-from tasks.data import TokenDataset
-from tasks.evaluation import EvalResult, evaluate
+from fedtune.fedserver.metrics import MetricsLog, RoundMetrics
+from fedtune.protos.convert import wire_size
+from fedtune.strategies.api import ClientUpdate, Instruction, InvalidUpdate, ServerStrategy, Workspace
+from fedtune.tasks.data import TokenDataset
+from fedtune.tasks.evaluation import EvalResult, evaluate
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from fedserver.config import ServerConfig
-from fedserver.coordinator import Coordinator, Refusal
-from fedserver.security import TlsFiles, hash_token
-from fedserver.store import RunStore
-from protos import fedtune_pb2 as pb
-from protos.payload import (
+from fedtune.fedserver.config import ServerConfig
+from fedtune.fedserver.coordinator import Coordinator, Refusal
+from fedtune.fedserver.security import TlsFiles, hash_token
+from fedtune.fedserver.store import RunStore
+from fedtune.protos import fedtune_pb2 as pb
+from fedtune.protos.payload import (
     AUTH_METADATA_KEY,
     PROTOCOL_VERSION,
     PayloadError,
@@ -35,7 +35,7 @@ from protos.payload import (
     instruction_messages,
     update_from_stream,
 )
-from strategies.api import DeviceProfile
+from fedtune.strategies.api import DeviceProfile
 
 log = logging.getLogger(__name__)
 SERVICE = "fedtune.v1.Federation"

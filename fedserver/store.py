@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from protos import fedtune_pb2 as pb
-from protos.convert import DTYPES
-from protos.payload import header_tensor, tensor_bytes
-from strategies.api import ClientUpdate, DeviceProfile
+from fedtune.protos import fedtune_pb2 as pb
+from fedtune.protos.convert import DTYPES
+from fedtune.protos.payload import header_tensor, tensor_bytes
+from fedtune.strategies.api import ClientUpdate, DeviceProfile
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

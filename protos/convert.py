@@ -1,4 +1,4 @@
-"""Typed messages (`strategies.api`) <-> protobuf, and the byte sizes fedsim reports.
+"""Typed messages (`fedtune.strategies.api`) <-> protobuf, and the byte sizes fedsim reports.
 
 Decoding checks every tensor's byte length against its dtype and shape, so a truncated or
 mislabelled tensor is an error that names it, never a silent reshape.
@@ -11,8 +11,8 @@ import math
 import numpy as np
 import torch
 
-from protos import fedtune_pb2 as pb
-from strategies.api import ClientUpdate, Instruction, Setting, TensorMap
+from fedtune.protos import fedtune_pb2 as pb
+from fedtune.strategies.api import ClientUpdate, Instruction, Setting, TensorMap
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,

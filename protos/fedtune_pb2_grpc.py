@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import fedtune_pb2 as protos_dot_fedtune__pb2
+from fedtune.protos import fedtune_pb2 as fedtune_dot_protos_dot_fedtune__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/fedtune_pb2_grpc.py depends on'
+        + ' but the generated code in fedtune/protos/fedtune_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -38,28 +38,28 @@ class FederationStub:
         """
         self.Register = channel.unary_unary(
                 '/fedtune.v1.Federation/Register',
-                request_serializer=protos_dot_fedtune__pb2.RegisterRequest.SerializeToString,
-                response_deserializer=protos_dot_fedtune__pb2.RegisterReply.FromString,
+                request_serializer=fedtune_dot_protos_dot_fedtune__pb2.RegisterRequest.SerializeToString,
+                response_deserializer=fedtune_dot_protos_dot_fedtune__pb2.RegisterReply.FromString,
                 _registered_method=True)
         self.PullInstruction = channel.unary_stream(
                 '/fedtune.v1.Federation/PullInstruction',
-                request_serializer=protos_dot_fedtune__pb2.PullRequest.SerializeToString,
-                response_deserializer=protos_dot_fedtune__pb2.InstructionMessage.FromString,
+                request_serializer=fedtune_dot_protos_dot_fedtune__pb2.PullRequest.SerializeToString,
+                response_deserializer=fedtune_dot_protos_dot_fedtune__pb2.InstructionMessage.FromString,
                 _registered_method=True)
         self.PushUpdate = channel.stream_unary(
                 '/fedtune.v1.Federation/PushUpdate',
-                request_serializer=protos_dot_fedtune__pb2.UpdateMessage.SerializeToString,
-                response_deserializer=protos_dot_fedtune__pb2.PushReply.FromString,
+                request_serializer=fedtune_dot_protos_dot_fedtune__pb2.UpdateMessage.SerializeToString,
+                response_deserializer=fedtune_dot_protos_dot_fedtune__pb2.PushReply.FromString,
                 _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/fedtune.v1.Federation/Heartbeat',
-                request_serializer=protos_dot_fedtune__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=protos_dot_fedtune__pb2.HeartbeatReply.FromString,
+                request_serializer=fedtune_dot_protos_dot_fedtune__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=fedtune_dot_protos_dot_fedtune__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
         self.Leave = channel.unary_unary(
                 '/fedtune.v1.Federation/Leave',
-                request_serializer=protos_dot_fedtune__pb2.LeaveRequest.SerializeToString,
-                response_deserializer=protos_dot_fedtune__pb2.LeaveReply.FromString,
+                request_serializer=fedtune_dot_protos_dot_fedtune__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=fedtune_dot_protos_dot_fedtune__pb2.LeaveReply.FromString,
                 _registered_method=True)
 
 
@@ -108,28 +108,28 @@ def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
-                    request_deserializer=protos_dot_fedtune__pb2.RegisterRequest.FromString,
-                    response_serializer=protos_dot_fedtune__pb2.RegisterReply.SerializeToString,
+                    request_deserializer=fedtune_dot_protos_dot_fedtune__pb2.RegisterRequest.FromString,
+                    response_serializer=fedtune_dot_protos_dot_fedtune__pb2.RegisterReply.SerializeToString,
             ),
             'PullInstruction': grpc.unary_stream_rpc_method_handler(
                     servicer.PullInstruction,
-                    request_deserializer=protos_dot_fedtune__pb2.PullRequest.FromString,
-                    response_serializer=protos_dot_fedtune__pb2.InstructionMessage.SerializeToString,
+                    request_deserializer=fedtune_dot_protos_dot_fedtune__pb2.PullRequest.FromString,
+                    response_serializer=fedtune_dot_protos_dot_fedtune__pb2.InstructionMessage.SerializeToString,
             ),
             'PushUpdate': grpc.stream_unary_rpc_method_handler(
                     servicer.PushUpdate,
-                    request_deserializer=protos_dot_fedtune__pb2.UpdateMessage.FromString,
-                    response_serializer=protos_dot_fedtune__pb2.PushReply.SerializeToString,
+                    request_deserializer=fedtune_dot_protos_dot_fedtune__pb2.UpdateMessage.FromString,
+                    response_serializer=fedtune_dot_protos_dot_fedtune__pb2.PushReply.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
-                    request_deserializer=protos_dot_fedtune__pb2.HeartbeatRequest.FromString,
-                    response_serializer=protos_dot_fedtune__pb2.HeartbeatReply.SerializeToString,
+                    request_deserializer=fedtune_dot_protos_dot_fedtune__pb2.HeartbeatRequest.FromString,
+                    response_serializer=fedtune_dot_protos_dot_fedtune__pb2.HeartbeatReply.SerializeToString,
             ),
             'Leave': grpc.unary_unary_rpc_method_handler(
                     servicer.Leave,
-                    request_deserializer=protos_dot_fedtune__pb2.LeaveRequest.FromString,
-                    response_serializer=protos_dot_fedtune__pb2.LeaveReply.SerializeToString,
+                    request_deserializer=fedtune_dot_protos_dot_fedtune__pb2.LeaveRequest.FromString,
+                    response_serializer=fedtune_dot_protos_dot_fedtune__pb2.LeaveReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -159,8 +159,8 @@ class Federation:
             request,
             target,
             '/fedtune.v1.Federation/Register',
-            protos_dot_fedtune__pb2.RegisterRequest.SerializeToString,
-            protos_dot_fedtune__pb2.RegisterReply.FromString,
+            fedtune_dot_protos_dot_fedtune__pb2.RegisterRequest.SerializeToString,
+            fedtune_dot_protos_dot_fedtune__pb2.RegisterReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -186,8 +186,8 @@ class Federation:
             request,
             target,
             '/fedtune.v1.Federation/PullInstruction',
-            protos_dot_fedtune__pb2.PullRequest.SerializeToString,
-            protos_dot_fedtune__pb2.InstructionMessage.FromString,
+            fedtune_dot_protos_dot_fedtune__pb2.PullRequest.SerializeToString,
+            fedtune_dot_protos_dot_fedtune__pb2.InstructionMessage.FromString,
             options,
             channel_credentials,
             insecure,
@@ -213,8 +213,8 @@ class Federation:
             request_iterator,
             target,
             '/fedtune.v1.Federation/PushUpdate',
-            protos_dot_fedtune__pb2.UpdateMessage.SerializeToString,
-            protos_dot_fedtune__pb2.PushReply.FromString,
+            fedtune_dot_protos_dot_fedtune__pb2.UpdateMessage.SerializeToString,
+            fedtune_dot_protos_dot_fedtune__pb2.PushReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -240,8 +240,8 @@ class Federation:
             request,
             target,
             '/fedtune.v1.Federation/Heartbeat',
-            protos_dot_fedtune__pb2.HeartbeatRequest.SerializeToString,
-            protos_dot_fedtune__pb2.HeartbeatReply.FromString,
+            fedtune_dot_protos_dot_fedtune__pb2.HeartbeatRequest.SerializeToString,
+            fedtune_dot_protos_dot_fedtune__pb2.HeartbeatReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -267,8 +267,8 @@ class Federation:
             request,
             target,
             '/fedtune.v1.Federation/Leave',
-            protos_dot_fedtune__pb2.LeaveRequest.SerializeToString,
-            protos_dot_fedtune__pb2.LeaveReply.FromString,
+            fedtune_dot_protos_dot_fedtune__pb2.LeaveRequest.SerializeToString,
+            fedtune_dot_protos_dot_fedtune__pb2.LeaveReply.FromString,
             options,
             channel_credentials,
             insecure,

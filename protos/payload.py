@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from protos import fedtune_pb2 as pb
-from protos.convert import DTYPE_NAMES, DTYPES, instruction_from_proto, instruction_to_proto
-from strategies.api import ClientUpdate, Instruction, TensorMap
+from fedtune.protos import fedtune_pb2 as pb
+from fedtune.protos.convert import DTYPE_NAMES, DTYPES, instruction_from_proto, instruction_to_proto
+from fedtune.strategies.api import ClientUpdate, Instruction, TensorMap
 
 MiB = 1 << 20
 PROTOCOL_VERSION = 1

@@ -10,9 +10,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from strategies.api import RunContext, StrategyConfig, StrategyDefinition
-from strategies.registry import resolve, validate_run_options
-from tasks.config import DataConfig, ModelConfig, TrainConfig
+from fedtune.strategies.api import RunContext, StrategyConfig, StrategyDefinition
+from fedtune.strategies.registry import resolve, validate_run_options
+from fedtune.tasks.config import DataConfig, ModelConfig, TrainConfig
 
 
 class RunSpec(BaseModel):

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from strategies.api import ClientUpdate, Instruction, TensorMap, hash_seed
+from fedtune.strategies.api import ClientUpdate, Instruction, TensorMap, hash_seed
 
 Direction = Literal["down", "up"]
 

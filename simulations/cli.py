@@ -7,9 +7,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from simulations.config import ConfigError, load_config
-from tasks.data import DataError
-from tasks.models import ModelLoadError
+from fedtune.simulations.config import ConfigError, load_config
+from fedtune.tasks.data import DataError
+from fedtune.tasks.models import ModelLoadError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # raised inside peft
 
-    from simulations.runner import run_simulation
+    from fedtune.simulations.runner import run_simulation
 
     overrides = {"rounds": args.rounds} if args.rounds is not None else {}
     try:

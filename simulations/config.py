@@ -8,11 +8,11 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
-from simulations.channel import ChannelConfig
-from strategies.api import DeviceProfile, StrategyConfig
-from strategies.codecs import SUPPORTED_CODECS
-from strategies.registry import WRAPPER_MODULES, validate_run_options
-from tasks.config import DataConfig, ModelConfig, TaskConfig, format_validation_error, resolve_path
+from fedtune.simulations.channel import ChannelConfig
+from fedtune.strategies.api import DeviceProfile, StrategyConfig
+from fedtune.strategies.codecs import SUPPORTED_CODECS
+from fedtune.strategies.registry import WRAPPER_MODULES, validate_run_options
+from fedtune.tasks.config import DataConfig, ModelConfig, TaskConfig, format_validation_error, resolve_path
 
 
 class ConfigError(ValueError):

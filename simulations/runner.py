@@ -15,17 +15,17 @@ from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedserver.engine import RoundEngine
-from fedserver.metrics import MetricsLog, RoundMetrics
-from protos import fedtune_pb2 as pb
-from protos.convert import instruction_from_proto, instruction_to_proto, update_from_proto
-from simulations.channel import Channel
-from simulations.config import ConfigError, SimulationConfig
-from simulations.workers import WorkerPool, run_clients
-from strategies.api import ClientStrategy, Instruction, InvalidUpdate, RunContext, ServerStrategy, Workspace
-from strategies.registry import resolve
-from tasks.data import FederatedData, prepare_federated_data
-from tasks.models import load_model
+from fedtune.fedserver.engine import RoundEngine
+from fedtune.fedserver.metrics import MetricsLog, RoundMetrics
+from fedtune.protos import fedtune_pb2 as pb
+from fedtune.protos.convert import instruction_from_proto, instruction_to_proto, update_from_proto
+from fedtune.simulations.channel import Channel
+from fedtune.simulations.config import ConfigError, SimulationConfig
+from fedtune.simulations.workers import WorkerPool, run_clients
+from fedtune.strategies.api import ClientStrategy, Instruction, InvalidUpdate, RunContext, ServerStrategy, Workspace
+from fedtune.strategies.registry import resolve
+from fedtune.tasks.data import FederatedData, prepare_federated_data
+from fedtune.tasks.models import load_model
 
 log = logging.getLogger(__name__)
 

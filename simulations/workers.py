@@ -32,11 +32,11 @@ from types import TracebackType
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from protos import fedtune_pb2 as pb
-from protos.convert import instruction_from_proto, instruction_to_proto, update_to_proto
-from strategies.api import ClientStrategy, Instruction, Workspace
-from strategies.dp import ClientRetired
-from tasks.data import TokenDataset
+from fedtune.protos import fedtune_pb2 as pb
+from fedtune.protos.convert import instruction_from_proto, instruction_to_proto, update_to_proto
+from fedtune.strategies.api import ClientStrategy, Instruction, Workspace
+from fedtune.strategies.dp import ClientRetired
+from fedtune.tasks.data import TokenDataset
 
 
 class ClientOutcome(BaseModel):

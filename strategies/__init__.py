@@ -1,6 +1,6 @@
-"""Aggregation strategies: each module holds both halves of one algorithm. See `strategies.api`."""
+"""Aggregation strategies: each module holds both halves of one algorithm. See `fedtune.strategies.api`."""
 
-from strategies.api import (
+from fedtune.strategies.api import (
     ClientStrategy,
     ClientUpdate,
     Instruction,
@@ -12,7 +12,7 @@ from strategies.api import (
     TensorSpec,
     Workspace,
 )
-from strategies.registry import available_strategies, get_strategy, register
+from fedtune.strategies.registry import available_strategies, get_strategy, register
 
 __all__ = [
     "ClientStrategy", "ClientUpdate", "Instruction", "InvalidUpdate", "RunContext", "ServerStrategy",

@@ -24,9 +24,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from tasks.config import TrainConfig
-from tasks.data import TokenDataset
-from tasks.models import ModelBundle
+from fedtune.tasks.config import TrainConfig
+from fedtune.tasks.data import TokenDataset
+from fedtune.tasks.models import ModelBundle
 
 TensorMap = dict[str, torch.Tensor]
 Setting = bool | int | float | str

@@ -3,7 +3,7 @@
 Client: the inner strategy trains as usual; each floating-point update tensor is turned into its
 delta against the instruction's tensor (ComPEFT compresses θ_i − θ^t, algorithms.md §5.4), the
 residual of earlier rounds is added (error feedback, Stich et al. 2018, arXiv:1809.07599) and the
-result is encoded by `strategies.codecs` into a uint8 blob sent as `<name>|enc`; what the codec
+result is encoded by `fedtune.strategies.codecs` into a uint8 blob sent as `<name>|enc`; what the codec
 dropped becomes the new residual, kept in the client's state. Server: each blob is decoded and
 added back to the tensor that client was sent, so the inner strategy validates and aggregates full
 tensors and needs no change. Non-float tensors pass untouched. With `downlink` set, the server also
@@ -13,7 +13,7 @@ exactly what it decoded, so both sides agree bit for bit.
 Negotiation: a client's codec is `by_client[id]`, else `by_compute_class[its compute_class]`, else
 `codec`; if its device profile does not list that codec, the first of `fallback` it lists ("none"
 always works). A client that never registered has the default profile, which lists only "none".
-fedsim registers its virtual clients with every codec (`strategies.codecs.SUPPORTED_CODECS`) unless
+fedsim registers its virtual clients with every codec (`fedtune.strategies.codecs.SUPPORTED_CODECS`) unless
 its `[devices]` section says otherwise. The chosen codec and its non-default parameters travel in
 `Instruction.settings` under `compression.*`.
 """
@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, ValidationError
 
-from strategies.api import (
+from fedtune.strategies.api import (
     ClientStrategy,
     ClientUpdate,
     DeviceProfile,
@@ -44,9 +44,9 @@ from strategies.api import (
     check_tensors,
     hash_seed,
 )
-from strategies.codecs import CodecError, CodecName, CodecParams, decode, encode, within_range
-from strategies.wrappers import ClientWrapper, ServerWrapper
-from tasks.data import TokenDataset
+from fedtune.strategies.codecs import CodecError, CodecName, CodecParams, decode, encode, within_range
+from fedtune.strategies.wrappers import ClientWrapper, ServerWrapper
+from fedtune.tasks.data import TokenDataset
 
 ENCODED_SUFFIX = "|enc"
 SETTING_PREFIX = "compression."

@@ -52,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from torch import nn
 from torch.nn import functional
 
-from strategies.api import (
+from fedtune.strategies.api import (
     ClientStrategy,
     ClientUpdate,
     DeviceProfile,
@@ -67,9 +67,9 @@ from strategies.api import (
     Workspace,
     hash_seed,
 )
-from strategies.wrappers import ClientWrapper, ServerWrapper
-from tasks.data import IGNORE_INDEX, TokenDataset
-from tasks.training import make_optimizer, train_steps
+from fedtune.strategies.wrappers import ClientWrapper, ServerWrapper
+from fedtune.tasks.data import IGNORE_INDEX, TokenDataset
+from fedtune.tasks.training import make_optimizer, train_steps
 
 log = logging.getLogger(__name__)
 

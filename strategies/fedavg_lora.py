@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from strategies.api import (
+from fedtune.strategies.api import (
     ClientStrategy,
     ClientUpdate,
     Instruction,
@@ -25,11 +25,11 @@ from strategies.api import (
     TensorSpec,
     weighted_mean,
 )
-from strategies.peft_lora import LoraOptions, LoraWorkspace
-from strategies.registry import register
-from tasks.data import TokenDataset
-from tasks.models import ModelBundle
-from tasks.training import train_steps
+from fedtune.strategies.peft_lora import LoraOptions, LoraWorkspace
+from fedtune.strategies.registry import register
+from fedtune.tasks.data import TokenDataset
+from fedtune.tasks.models import ModelBundle
+from fedtune.tasks.training import train_steps
 
 
 class FedAvgLoraConfig(LoraOptions):

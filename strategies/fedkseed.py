@@ -58,7 +58,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from strategies.api import (
+from fedtune.strategies.api import (
     ClientStrategy,
     ClientUpdate,
     DeviceProfile,
@@ -74,10 +74,10 @@ from strategies.api import (
     hash_seed,
     weighted_mean,
 )
-from strategies.registry import register
-from tasks.config import TrainConfig
-from tasks.data import TokenDataset
-from tasks.models import ModelBundle, load_model
+from fedtune.strategies.registry import register
+from fedtune.tasks.config import TrainConfig
+from fedtune.tasks.data import TokenDataset
+from fedtune.tasks.models import ModelBundle, load_model
 
 SEED_INDEX = "seed_index"
 SCALAR_GRAD = "scalar_grad"

@@ -9,18 +9,18 @@ modules. Every instruction carries the SHA-256 of A so a client with a different
 
 from __future__ import annotations
 
-from strategies.api import (
+from fedtune.strategies.api import (
     ClientUpdate,
     Instruction,
     InvalidInstruction,
     RunContext,
     StrategyDefinition,
 )
-from strategies.fedavg_lora import FedAvgLoraClient, FedAvgLoraConfig, FedAvgLoraServer
-from strategies.peft_lora import LoraWorkspace, is_lora_a
-from strategies.registry import register
-from tasks.data import TokenDataset
-from tasks.models import ModelBundle
+from fedtune.strategies.fedavg_lora import FedAvgLoraClient, FedAvgLoraConfig, FedAvgLoraServer
+from fedtune.strategies.peft_lora import LoraWorkspace, is_lora_a
+from fedtune.strategies.registry import register
+from fedtune.tasks.data import TokenDataset
+from fedtune.tasks.models import ModelBundle
 
 A_DIGEST = "lora_A_sha256"
 

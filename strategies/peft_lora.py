@@ -17,8 +17,8 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model
 from pydantic import Field
 from torch import nn
 
-from strategies.api import RunContext, StrategyConfig, TensorMap, hash_seed
-from tasks.models import ModelBundle
+from fedtune.strategies.api import RunContext, StrategyConfig, TensorMap, hash_seed
+from fedtune.tasks.models import ModelBundle
 
 
 class LoraOptions(StrategyConfig):

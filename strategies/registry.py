@@ -5,7 +5,7 @@ A plug-in package declares, in its own pyproject.toml:
     [project.entry-points."fedtune.strategies"]
     my_strategy = "my_package.my_module:DEFINITION"
 
-where DEFINITION is a `strategies.api.StrategyDefinition`. Nothing in this repo changes.
+where DEFINITION is a `fedtune.strategies.api.StrategyDefinition`. Nothing in this repo changes.
 """
 
 from __future__ import annotations
@@ -17,21 +17,21 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from strategies.api import StrategyConfig, StrategyDefinition
+from fedtune.strategies.api import StrategyConfig, StrategyDefinition
 
 ENTRY_POINT_GROUP = "fedtune.strategies"
 BUILTIN_MODULES = {
-    "fedavg_lora": "strategies.fedavg_lora",
-    "ffa_lora": "strategies.ffa_lora",
-    "fedkseed": "strategies.fedkseed",
-    "admm": "strategies.admm",
+    "fedavg_lora": "fedtune.strategies.fedavg_lora",
+    "ffa_lora": "fedtune.strategies.ffa_lora",
+    "fedkseed": "fedtune.strategies.fedkseed",
+    "admm": "fedtune.strategies.admm",
 }
 # Update transforms that wrap any tensor-valued strategy, by config section, applied in this
 # order (innermost first). Each module exposes `Config` (pydantic) and
 # `wrap(definition, config) -> StrategyDefinition`.
 WRAPPER_MODULES = {
-    "dp": "strategies.dp",
-    "compression": "strategies.compression",
+    "dp": "fedtune.strategies.dp",
+    "compression": "fedtune.strategies.compression",
 }
 _registered: dict[str, StrategyDefinition] = {}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from strategies.api import (
+from fedtune.strategies.api import (
     ClientStrategy,
     ClientUpdate,
     DeviceProfile,
@@ -19,7 +19,7 @@ from strategies.api import (
     TensorSpec,
     Workspace,
 )
-from tasks.data import TokenDataset
+from fedtune.tasks.data import TokenDataset
 
 
 class ServerWrapper(ServerStrategy):

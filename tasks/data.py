@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tasks.builtin import BUILTIN_DATASETS
-from tasks.config import DataConfig, ModelKind, PartitionConfig
+from fedtune.tasks.builtin import BUILTIN_DATASETS
+from fedtune.tasks.config import DataConfig, ModelKind, PartitionConfig
 
 Record = dict[str, Any]
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")

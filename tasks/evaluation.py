@@ -6,7 +6,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from tasks.data import IGNORE_INDEX, TokenDataset
+from fedtune.tasks.data import IGNORE_INDEX, TokenDataset
 
 
 class EvalResult(BaseModel):

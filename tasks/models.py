@@ -15,8 +15,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from tasks.builtin import BUILTIN_MODELS, char_tokenizer, tiny_model
-from tasks.config import ModelConfig
+from fedtune.tasks.builtin import BUILTIN_MODELS, char_tokenizer, tiny_model
+from fedtune.tasks.config import ModelConfig
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from simulations.config import SimulationConfig
+from fedtune.simulations.config import SimulationConfig
 
 
 def tiny_config(**overrides: Any) -> SimulationConfig:

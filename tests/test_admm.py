@@ -9,14 +9,14 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from fedserver.engine import RoundEngine
-from protos.convert import instruction_to_proto, update_to_proto
-from fedserver.metrics import MetricsLog
-from simulations.runner import Federation, build_federation, run_round, run_simulation
-from strategies.admm import AdmmConfig, AdmmServer
-from strategies.admm_wls import WlsSettings, iterations_to, make_wls_problem, simulate
-from strategies.api import ClientUpdate, RunContext
-from tasks.config import TrainConfig
+from fedtune.fedserver.engine import RoundEngine
+from fedtune.protos.convert import instruction_to_proto, update_to_proto
+from fedtune.fedserver.metrics import MetricsLog
+from fedtune.simulations.runner import Federation, build_federation, run_round, run_simulation
+from fedtune.strategies.admm import AdmmConfig, AdmmServer
+from admm_wls import WlsSettings, iterations_to, make_wls_problem, simulate
+from fedtune.strategies.api import ClientUpdate, RunContext
+from fedtune.tasks.config import TrainConfig
 from tests.helpers import tiny_config
 
 PROBLEM = make_wls_problem(clients=20, features=8, samples=30, seed=0)

@@ -6,11 +6,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from fedserver.engine import RoundEngine
-from fedserver.metrics import MetricsLog
-from simulations.channel import Channel, ChannelConfig, LinkConfig
-from simulations.runner import build_federation, run_round
-from strategies.api import ClientUpdate, Instruction
+from fedtune.fedserver.engine import RoundEngine
+from fedtune.fedserver.metrics import MetricsLog
+from fedtune.simulations.channel import Channel, ChannelConfig, LinkConfig
+from fedtune.simulations.runner import build_federation, run_round
+from fedtune.strategies.api import ClientUpdate, Instruction
 from tests.helpers import tiny_config
 
 

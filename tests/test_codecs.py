@@ -9,7 +9,7 @@ import zlib
 import pytest
 import torch
 
-from strategies.codecs import (
+from fedtune.strategies.codecs import (
     CODEC_IDS,
     CodecError,
     CodecParams,

@@ -8,14 +8,14 @@ import io
 import pytest
 import torch
 
-from fedserver.engine import RoundEngine
-from fedserver.metrics import MetricsLog
-from protos.convert import wire_size
-from simulations.config import ConfigError, load_config
-from simulations.runner import Federation, build_federation, run_round, run_simulation
-from strategies.api import ClientUpdate, DeviceProfile, Instruction, InvalidInstruction, InvalidUpdate
-from strategies.codecs import CODEC_IDS, SUPPORTED_CODECS, CodecParams, decode, encode, encoded_size
-from strategies.compression import (
+from fedtune.fedserver.engine import RoundEngine
+from fedtune.fedserver.metrics import MetricsLog
+from fedtune.protos.convert import wire_size
+from fedtune.simulations.config import ConfigError, load_config
+from fedtune.simulations.runner import Federation, build_federation, run_round, run_simulation
+from fedtune.strategies.api import ClientUpdate, DeviceProfile, Instruction, InvalidInstruction, InvalidUpdate
+from fedtune.strategies.codecs import CODEC_IDS, SUPPORTED_CODECS, CodecParams, decode, encode, encoded_size
+from fedtune.strategies.compression import (
     ENCODED_SUFFIX,
     CodecSettings,
     CompressionClient,

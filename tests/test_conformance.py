@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from simulations.runner import Federation, build_federation
-from strategies.api import ClientUpdate, InvalidUpdate, TensorSpec, check_tensors
-from strategies.registry import BUILTIN_MODULES, get_strategy
+from fedtune.simulations.runner import Federation, build_federation
+from fedtune.strategies.api import ClientUpdate, InvalidUpdate, TensorSpec, check_tensors
+from fedtune.strategies.registry import BUILTIN_MODULES, get_strategy
 from tests.helpers import tiny_config
 
 STRATEGIES = sorted(BUILTIN_MODULES)

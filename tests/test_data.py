@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from tasks.builtin import char_tokenizer, ops_examples
-from tasks.config import DataConfig, PartitionConfig
-from tasks.data import DataError, encode, load_records, partition
+from fedtune.tasks.builtin import char_tokenizer, ops_examples
+from fedtune.tasks.config import DataConfig, PartitionConfig
+from fedtune.tasks.data import DataError, encode, load_records, partition
 
 ROWS = [{"text": f"row {i}", "label": i % 2, "category": "abc"[i % 3]} for i in range(60)]
 

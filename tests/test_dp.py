@@ -15,11 +15,11 @@ from opacus.grad_sample import GradSampleModule
 from pydantic import ValidationError
 from scipy import stats
 
-from fedserver.engine import RoundEngine
-from fedserver.metrics import MetricsLog
-from simulations.runner import Federation, build_federation, run_round, run_simulation
-from strategies.api import ClientStrategy, ClientUpdate, InvalidUpdate, RunContext, ServerStrategy, StrategyDefinition
-from strategies.dp import (
+from fedtune.fedserver.engine import RoundEngine
+from fedtune.fedserver.metrics import MetricsLog
+from fedtune.simulations.runner import Federation, build_federation, run_round, run_simulation
+from fedtune.strategies.api import ClientStrategy, ClientUpdate, InvalidUpdate, RunContext, ServerStrategy, StrategyDefinition
+from fedtune.strategies.dp import (
     CLIPPING_NORM,
     UNCLIPPED,
     ClientRetired,
@@ -29,9 +29,9 @@ from strategies.dp import (
     update_delta,
     wrap,
 )
-from strategies.ffa_lora import frozen_names
-from strategies.registry import get_strategy, resolve
-from tasks.evaluation import evaluate
+from fedtune.strategies.ffa_lora import frozen_names
+from fedtune.strategies.registry import get_strategy, resolve
+from fedtune.tasks.evaluation import evaluate
 from tests.helpers import tiny_config
 
 DELTA = 1e-5

@@ -8,17 +8,17 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict
 from transformers import BertConfig, BertForSequenceClassification
 
-from protos.convert import payload_size, update_to_proto
-from fedserver.engine import RoundEngine
-from fedserver.metrics import MetricsLog
-from simulations.runner import build_federation, run_round, run_simulation
-from strategies.api import ClientUpdate, RunContext, hash_seed, weighted_mean
-from strategies.fedavg_lora import FedAvgLoraConfig, FedAvgLoraServer
-from strategies.ffa_lora import FfaLoraServer
-from strategies.peft_lora import LoraOptions, LoraWorkspace
-from tasks.builtin import char_tokenizer
-from tasks.config import ModelConfig, TrainConfig
-from tasks.models import ModelBundle, load_model
+from fedtune.protos.convert import payload_size, update_to_proto
+from fedtune.fedserver.engine import RoundEngine
+from fedtune.fedserver.metrics import MetricsLog
+from fedtune.simulations.runner import build_federation, run_round, run_simulation
+from fedtune.strategies.api import ClientUpdate, RunContext, hash_seed, weighted_mean
+from fedtune.strategies.fedavg_lora import FedAvgLoraConfig, FedAvgLoraServer
+from fedtune.strategies.ffa_lora import FfaLoraServer
+from fedtune.strategies.peft_lora import LoraOptions, LoraWorkspace
+from fedtune.tasks.builtin import char_tokenizer
+from fedtune.tasks.config import ModelConfig, TrainConfig
+from fedtune.tasks.models import ModelBundle, load_model
 from tests.helpers import tiny_config
 
 

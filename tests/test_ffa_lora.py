@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 
-from simulations.runner import build_federation, run_simulation
-from strategies.api import InvalidInstruction
-from strategies.ffa_lora import A_DIGEST, frozen_names
+from fedtune.simulations.runner import build_federation, run_simulation
+from fedtune.strategies.api import InvalidInstruction
+from fedtune.strategies.ffa_lora import A_DIGEST, frozen_names
 from tests.helpers import tiny_config
 
 DIGEST_SCRIPT = """
-from simulations.runner import build_federation
-from strategies.ffa_lora import frozen_names
+from fedtune.simulations.runner import build_federation
+from fedtune.strategies.ffa_lora import frozen_names
 from tests.helpers import tiny_config
 federation = build_federation(tiny_config(strategy="ffa_lora"))
 print(federation.workspace.digest(frozen_names(federation.workspace)))

@@ -20,7 +20,7 @@ def test_example_plugin_installs_and_runs_a_federation(tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
     listed = subprocess.run(
-        [sys.executable, "-c", "from strategies.registry import available_strategies; print(available_strategies())"],
+        [sys.executable, "-c", "from fedtune.strategies.registry import available_strategies; print(available_strategies())"],
         env=env, capture_output=True, text=True, check=True,
     ).stdout
     assert "fedmedian_lora" in listed
@@ -32,7 +32,7 @@ def test_example_plugin_installs_and_runs_a_federation(tmp_path):
         '[data]\nmax_train_examples = 400\nmax_eval_examples = 32\n'
     )
     run = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "run", str(config), "--out", str(tmp_path / "out"), "--quiet"],
+        [sys.executable, "-m", "fedtune.simulations.cli", "run", str(config), "--out", str(tmp_path / "out"), "--quiet"],
         env=env, capture_output=True, text=True,
     )
     assert run.returncode == 0, run.stderr
@@ -47,9 +47,9 @@ def test_median_plugin_ignores_an_outlier_client():
         import torch
         from fedtune_median import MedianLoraServer
 
-        from strategies.api import ClientUpdate, RunContext
-        from strategies.fedavg_lora import FedAvgLoraConfig
-        from tasks.config import TrainConfig
+        from fedtune.strategies.api import ClientUpdate, RunContext
+        from fedtune.strategies.fedavg_lora import FedAvgLoraConfig
+        from fedtune.tasks.config import TrainConfig
     finally:
         sys.path.remove(str(EXAMPLE))
     server = MedianLoraServer(FedAvgLoraConfig(), RunContext(0, 1, TrainConfig(), "causal_lm"))

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from simulations.config import ConfigError, load_config
-from simulations.runner import build_federation, run_simulation
-from simulations.workers import WorkerError, WorkerPool
-from strategies.fedavg_lora import FedAvgLoraClient
+from fedtune.simulations.config import ConfigError, load_config
+from fedtune.simulations.runner import build_federation, run_simulation
+from fedtune.simulations.workers import WorkerError, WorkerPool
+from fedtune.strategies.fedavg_lora import FedAvgLoraClient
 from tests.helpers import tiny_config
 
 

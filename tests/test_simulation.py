@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from simulations.cli import main as fedsim_main
-from simulations.config import ConfigError, load_config
-from simulations.runner import build_federation, run_simulation
+from fedtune.simulations.cli import main as fedsim_main
+from fedtune.simulations.config import ConfigError, load_config
+from fedtune.simulations.runner import build_federation, run_simulation
 from tests.helpers import tiny_config
 
 REQUIRED_KEYS = {"round", "clients", "train_loss", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down"}
@@ -86,7 +86,7 @@ def test_relative_data_paths_are_relative_to_the_config(tmp_path):
 
 def test_fedsim_console_script_runs_the_default_demo(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "run", "--out", str(tmp_path), "--rounds", "1", "--quiet"],
+        [sys.executable, "-m", "fedtune.simulations.cli", "run", "--out", str(tmp_path), "--rounds", "1", "--quiet"],
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr

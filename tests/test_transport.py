@@ -28,18 +28,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedclient.client import ClientSettings, FederatedClient
-from fedclient.connection import ConnectionSettings, FatalError
-from fedserver.cli import main as fedserver_main
-from fedserver.store import RunStore
-from protos import fedtune_pb2 as pb
-from protos import fedtune_pb2_grpc as rpc
-from protos.payload import header_tensor, update_messages
-from simulations.config import SimulationConfig
-from simulations.runner import run_simulation
-from strategies.api import ClientUpdate
-from strategies.dp import epsilon_of
-from tasks.data import load_records, partition, split_holdout
+from fedtune.fedclient.client import ClientSettings, FederatedClient
+from fedtune.fedclient.connection import ConnectionSettings, FatalError
+from fedtune.fedserver.cli import main as fedserver_main
+from fedtune.fedserver.store import RunStore
+from fedtune.protos import fedtune_pb2 as pb
+from fedtune.protos import fedtune_pb2_grpc as rpc
+from fedtune.protos.payload import header_tensor, update_messages
+from fedtune.simulations.config import SimulationConfig
+from fedtune.simulations.runner import run_simulation
+from fedtune.strategies.api import ClientUpdate
+from fedtune.strategies.dp import epsilon_of
+from fedtune.tasks.data import load_records, partition, split_holdout
 
 BIN = Path(sys.executable).parent
 # Each case is a run config's differences from run_config(): every built-in strategy, and each

@@ -6,8 +6,8 @@ import grpc
 import pytest
 import torch
 
-from protos import fedtune_pb2 as pb
-from protos.payload import (
+from fedtune.protos import fedtune_pb2 as pb
+from fedtune.protos.payload import (
     Limits,
     PayloadError,
     PayloadReader,
@@ -16,7 +16,7 @@ from protos.payload import (
     update_from_stream,
     update_messages,
 )
-from strategies.api import ClientUpdate, Instruction
+from fedtune.strategies.api import ClientUpdate, Instruction
 
 LIMITS = Limits(chunk_bytes=1024, max_message_bytes=1 << 20, max_update_bytes=1 << 20, max_tensors=8, max_metrics=4,
                 max_name_bytes=32)

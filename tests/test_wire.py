@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from protos import fedtune_pb2 as pb
-from protos.convert import (
+from fedtune.protos import fedtune_pb2 as pb
+from fedtune.protos.convert import (
     DTYPES,
     WireFormatError,
     instruction_from_proto,
@@ -16,7 +16,7 @@ from protos.convert import (
     update_from_proto,
     update_to_proto,
 )
-from strategies.api import ClientUpdate, Instruction
+from fedtune.strategies.api import ClientUpdate, Instruction
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()))

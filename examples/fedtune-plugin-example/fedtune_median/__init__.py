@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from strategies.api import ClientUpdate, StrategyDefinition
-from strategies.fedavg_lora import FedAvgLoraClient, FedAvgLoraConfig, FedAvgLoraServer, build_workspace
+from fedtune.strategies.api import ClientUpdate, StrategyDefinition
+from fedtune.strategies.fedavg_lora import FedAvgLoraClient, FedAvgLoraConfig, FedAvgLoraServer, build_workspace
 
 
 class MedianLoraServer(FedAvgLoraServer):

@@ -16,8 +16,8 @@ import torch
 from pydantic import BaseModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tasks.config import DataConfig
-from tasks.data import Record, prompt_text
+from fedtune.tasks.config import DataConfig
+from fedtune.tasks.data import Record, prompt_text
 
 TOKEN = re.compile(r"[a-z0-9]+")
 
