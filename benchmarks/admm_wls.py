@@ -84,7 +84,7 @@ class WlsSettings(BaseModel):
     fedavg_lr: float | None = Field(None, gt=0, description="fedavg: step size; default 1/max_k ‖R_k‖₂.")
 
     @model_validator(mode="after")
-    def _continual_needs_a_local_model(self) -> "WlsSettings":
+    def _continual_needs_a_local_model(self) -> WlsSettings:
         if self.continual and self.algorithm in ("fedavg", "fedadmm"):
             raise ValueError(f"continual: not defined for algorithm {self.algorithm!r}")
         return self

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from admm_wls import WlsSettings, make_wls_problem, simulate
 
 HERE = Path(__file__).resolve().parent

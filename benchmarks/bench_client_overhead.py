@@ -93,7 +93,7 @@ def measure(name: str, repeats: int) -> tuple[float, float, float]:
         mismatched = [n for n in update.tensors if not torch.equal(update.tensors[n], bare[n])]
         if mismatched or update.tensors.keys() != bare.keys():
             raise SystemExit(f"bench_client_overhead: {name}: fit and the bare loop disagree on {mismatched[:3]}")
-    ratio = statistics.median(f / b for f, b in zip(fit_times, bare_times))
+    ratio = statistics.median(f / b for f, b in zip(fit_times, bare_times, strict=False))
     return statistics.median(fit_times), statistics.median(bare_times), ratio
 
 

@@ -75,7 +75,7 @@ def plot(results: list[dict[str, Any]], epsilons: list[float | None], path: Path
     labels = [f"ε = {e:g}" if e is not None else "no DP" for e in epsilons]
     figure, axis = plt.subplots(figsize=(7, 4))
     width = 0.38
-    for offset, strategy in zip((-width / 2, width / 2), STRATEGIES):
+    for offset, strategy in zip((-width / 2, width / 2), STRATEGIES, strict=False):
         values = [next(r["accuracy"] for r in results if r["strategy"] == strategy and r["epsilon_target"] == e)
                   for e in epsilons]
         bars = axis.bar([i + offset for i in range(len(epsilons))], values, width, label=strategy)

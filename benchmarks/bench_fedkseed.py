@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rouge import rouge_l_eval
 
 from fedtune.fedserver.engine import RoundEngine
 from fedtune.fedserver.metrics import MetricsLog
@@ -39,7 +40,6 @@ from fedtune.simulations.runner import build_federation, run_round, run_simulati
 from fedtune.strategies.fedkseed import batch_loss, perturb, zeroth_order_step
 from fedtune.tasks.config import DataConfig
 from fedtune.tasks.data import load_records
-from rouge import rouge_l_eval
 
 DOLLY = Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly_15k"
 HELD_OUT_CATEGORY = "summarization"

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import grpc
 import psutil
-
 from bench_transport import BIN, RssSampler  # run as a script: benchmarks/ is on sys.path
+
 from fedtune.fedclient.connection import RETRYABLE
 from fedtune.fedserver.cli import main as fedserver_main
 from fedtune.protos import fedtune_pb2 as pb

@@ -58,7 +58,7 @@ class RssSampler:
     def now(self) -> int:
         return self.process.memory_info().rss
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self.peak = self.now()
         self._thread.start()
         return self

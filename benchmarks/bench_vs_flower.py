@@ -179,10 +179,10 @@ def main() -> None:
 
 def report(fedsim_rows: list[dict], flower_rows: list[dict], fedsim: list[TreePeak], flower: list[TreePeak]) -> None:
     print("\nround  fedsim acc  flower acc   fedsim loss  flower loss")
-    for ours, theirs in zip(fedsim_rows, flower_rows):
+    for ours, theirs in zip(fedsim_rows, flower_rows, strict=False):
         print(f"{ours['round']:>5}  {ours['eval_accuracy']:>10.4f}  {theirs['eval_accuracy']:>10.4f}"
               f"   {ours['eval_loss']:>11.4f}  {theirs['eval_loss']:>11.4f}")
-    gap = max(abs(o["eval_accuracy"] - t["eval_accuracy"]) for o, t in zip(fedsim_rows, flower_rows))
+    gap = max(abs(o["eval_accuracy"] - t["eval_accuracy"]) for o, t in zip(fedsim_rows, flower_rows, strict=False))
     print(f"largest accuracy gap over the rounds: {gap:.4f}")
     print("\nmedian over runs          fedsim    flower    ratio")
     for label, field, goal in (("wall time (s)", "wall_s", "  (goal <= 0.9)"), ("CPU time, tree (s)", "cpu_s", ""),

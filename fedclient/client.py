@@ -30,7 +30,14 @@ from fedtune.protos.payload import (
     update_messages,
 )
 from fedtune.protos.runspec import RunSpec
-from fedtune.strategies.api import ClientStrategy, ClientUpdate, DeviceProfile, Instruction, InvalidInstruction, Workspace
+from fedtune.strategies.api import (
+    ClientStrategy,
+    ClientUpdate,
+    DeviceProfile,
+    Instruction,
+    InvalidInstruction,
+    Workspace,
+)
 from fedtune.tasks.data import TokenDataset, encode, load_records
 from fedtune.tasks.models import load_model
 

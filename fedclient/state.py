@@ -33,7 +33,7 @@ class ClientState:
         self.run_id, self.strategy_state, self.pending, self.last_round, self.idle_rounds = run_id, {}, None, 0, []
 
     @classmethod
-    def load(cls, path: Path) -> "ClientState":
+    def load(cls, path: Path) -> ClientState:
         if not path.exists():
             return cls()
         raw = torch.load(path, weights_only=True)

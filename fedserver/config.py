@@ -45,7 +45,7 @@ class ServerSection(StrictModel):
                                                      "heard it, at most this long.")
 
     @model_validator(mode="after")
-    def _timeouts(self) -> "ServerSection":
+    def _timeouts(self) -> ServerSection:
         if self.client_timeout_s <= self.heartbeat_interval_s:
             raise ValueError("server.client_timeout_s must exceed server.heartbeat_interval_s")
         return self
@@ -62,7 +62,7 @@ class ServerConfig(TaskConfig):
     limits: Limits = Limits()
 
     @model_validator(mode="after")
-    def _strategy_options(self) -> "ServerConfig":
+    def _strategy_options(self) -> ServerConfig:
         validate_run_options(self.strategy, self.options, self.wrappers())
         return self
 
@@ -76,7 +76,7 @@ class ServerConfig(TaskConfig):
     def run_dir(self) -> Path:
         return Path(self.server.run_dir)
 
-    def differing_run_fields(self, other: "ServerConfig") -> list[str]:
+    def differing_run_fields(self, other: ServerConfig) -> list[str]:
         """Run fields (not server/limits) where `other` differs: a resumed run must not change them."""
         mine, theirs = self.model_dump(mode="json"), other.model_dump(mode="json")
         return [name for name in RUN_FIELDS if mine[name] != theirs[name]]

@@ -70,7 +70,7 @@ class MetricsLog:
                           ("eval_accuracy", accuracy_axis), ("eval_exact_match", accuracy_axis)):
             points = [(row["round"], row[key]) for row in rows if row.get(key) is not None]
             if points:
-                axis.plot(*zip(*points), marker="o", label=key)
+                axis.plot(*zip(*points, strict=False), marker="o", label=key)
         for axis, title in ((loss_axis, "loss"), (accuracy_axis, "accuracy")):
             axis.set_xlabel("round")
             axis.set_title(title)

@@ -83,7 +83,7 @@ def _subject_alt_names(hosts: list[str]) -> x509.SubjectAlternativeName:
 def create_tls(files: TlsFiles, hosts: list[str], run_name: str) -> None:
     """A fresh CA and a server certificate signed by it (ECDSA P-256)."""
     files.directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fedtune CA ({run_name})")])
     ca_cert = (

@@ -12,8 +12,8 @@ import hashlib
 import math
 import re
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -43,7 +43,7 @@ class Limits(BaseModel):
     max_name_bytes: int = Field(512, ge=1, description="Longest tensor or metric name, in UTF-8 bytes.")
 
     @model_validator(mode="after")
-    def _chunk_fits_in_a_message(self) -> "Limits":
+    def _chunk_fits_in_a_message(self) -> Limits:
         if self.max_message_bytes < self.chunk_bytes + 64 * 1024:
             raise ValueError(
                 f"limits.max_message_bytes ({self.max_message_bytes}) must exceed limits.chunk_bytes "
@@ -55,7 +55,7 @@ class Limits(BaseModel):
         return pb.Limits(**self.model_dump())
 
     @classmethod
-    def from_proto(cls, message: pb.Limits) -> "Limits":
+    def from_proto(cls, message: pb.Limits) -> Limits:
         return cls(**{name: getattr(message, name) for name in cls.model_fields})
 
     def channel_options(self) -> list[tuple[str, int]]:
@@ -180,7 +180,7 @@ class PayloadReader:
             raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"{self.what} stream: message after the sha256 trailer")
         if part == "header" and self.header is None:
-            self._open(getattr(message, "header"))
+            self._open(message.header)
         elif self.header is None:
             raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"{self.what} stream: the first message must be `header`, got `{part}`")

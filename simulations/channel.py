@@ -33,7 +33,7 @@ class LinkConfig(BaseModel):
     loss_rate: float = Field(0.0, ge=0, lt=1, description="Probability that a whole message is lost.")
 
     @model_validator(mode="after")
-    def _one_noise_level(self) -> "LinkConfig":
+    def _one_noise_level(self) -> LinkConfig:
         if self.snr_db is not None and self.noise_variance is not None:
             raise ValueError("give snr_db or noise_variance, not both")
         return self

@@ -38,7 +38,7 @@ class SimulationConfig(TaskConfig):
     )
 
     @model_validator(mode="after")
-    def _strategy_options(self) -> "SimulationConfig":
+    def _strategy_options(self) -> SimulationConfig:
         self.strategy_config()
         return self
 

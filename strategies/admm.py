@@ -76,7 +76,7 @@ class AdmmConfig(LoraOptions):
     gradient_batches: int = Field(1, ge=1, description="Minibatches averaged in each λ = −ĝ estimate.")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "AdmmConfig":
+    def _consistent(self) -> AdmmConfig:
         if self.rho == 0 and self.dual != "none":
             raise ValueError(f"rho: must be > 0 with dual = {self.dual!r} (the upload divides by rho)")
         if self.continual and self.warm_start == "global":
@@ -206,7 +206,7 @@ class AdmmClient(ClientStrategy[AdmmConfig]):
         generator = torch.Generator().manual_seed(hash_seed(self.context.seed, self.client_id, round, "admm", when))
         batches = data.train_batches(self.config.gradient_batches, self.context.train.batch_size, generator)
         gradients = minibatch_gradient(workspace.model, workspace.parameters_for(names), batches)
-        return {name: -gradient for name, gradient in zip(names, gradients)}
+        return {name: -gradient for name, gradient in zip(names, gradients, strict=False)}
 
     def state_dict(self) -> dict[str, Any]:
         return {name: _clone(getattr(self, name)) for name in ("local", "dual", "received")}
@@ -228,7 +228,7 @@ def admm_penalty(
 
     def penalty() -> torch.Tensor:
         total = torch.zeros((), dtype=params[0].dtype)
-        for index, (param, target) in enumerate(zip(params, targets)):
+        for index, (param, target) in enumerate(zip(params, targets, strict=False)):
             gap = param - target
             total = total + 0.5 * rho * gap.pow(2).sum()
             if duals is not None:
@@ -245,7 +245,7 @@ def minibatch_gradient(model: nn.Module, params: list[nn.Parameter], batches: It
     model.train()
     for batch in batches:
         gradients = torch.autograd.grad(model(**batch).loss, params, allow_unused=True)
-        for total, gradient in zip(totals, gradients):
+        for total, gradient in zip(totals, gradients, strict=False):
             if gradient is not None:
                 total += gradient
         count += 1

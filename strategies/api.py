@@ -80,7 +80,7 @@ class TensorSpec(BaseModel):
     dtype: torch.dtype
 
     @classmethod
-    def like(cls, tensor: torch.Tensor) -> "TensorSpec":
+    def like(cls, tensor: torch.Tensor) -> TensorSpec:
         return cls(shape=tuple(tensor.shape), dtype=tensor.dtype)
 
 
@@ -105,7 +105,7 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Tenso
         if tensor.dtype != spec.dtype:
             raise InvalidUpdate(f"{origin}: tensor {name!r} has dtype {tensor.dtype}, expected {spec.dtype}")
         shape_ok = len(tensor.shape) == len(spec.shape) and all(
-            want is None or want == got for want, got in zip(spec.shape, tensor.shape)
+            want is None or want == got for want, got in zip(spec.shape, tensor.shape, strict=False)
         )
         if not shape_ok:
             raise InvalidUpdate(
@@ -163,7 +163,7 @@ def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> 
     if not tensors or total <= 0:
         raise ValueError("weighted_mean needs at least one tensor and a positive total weight")
     accumulator = torch.zeros(tensors[0].shape, dtype=torch.float64)
-    for tensor, weight in zip(tensors, weights):
+    for tensor, weight in zip(tensors, weights, strict=False):
         accumulator += tensor.to(torch.float64) * (weight / total)
     return accumulator.to(tensors[0].dtype)
 
@@ -213,7 +213,7 @@ class ServerStrategy(ABC, Generic[C]):
     def load_global_into(self, workspace: Workspace) -> None:
         """Write the global state into the workspace model, for evaluation and saving."""
 
-    def on_client_registered(self, client_id: str, profile: "DeviceProfile") -> None:
+    def on_client_registered(self, client_id: str, profile: DeviceProfile) -> None:
         """A client joined with this device profile (e.g. to choose its codec); default: ignore."""
 
     def stop_reason(self, next_round: int) -> str | None:

@@ -81,7 +81,7 @@ class CodecSettings(CodecParams):
         return {SETTING_PREFIX + key: value for key, value in self.model_dump(exclude_defaults=True).items()}
 
     @classmethod
-    def from_instruction(cls, instruction: Instruction) -> tuple["CodecSettings", dict[str, Setting]]:
+    def from_instruction(cls, instruction: Instruction) -> tuple[CodecSettings, dict[str, Setting]]:
         """The codec settings and the remaining (inner strategy's) settings."""
         ours = {key.removeprefix(SETTING_PREFIX): value for key, value in instruction.settings.items()
                 if key.startswith(SETTING_PREFIX)}
@@ -116,7 +116,7 @@ class Sent:
 
 
 def _shape_matches(spec: TensorSpec, shape: torch.Size) -> bool:
-    return len(spec.shape) == len(shape) and all(want is None or want == got for want, got in zip(spec.shape, shape))
+    return len(spec.shape) == len(shape) and all(want is None or want == got for want, got in zip(spec.shape, shape, strict=False))
 
 
 class CompressionServer(ServerWrapper):

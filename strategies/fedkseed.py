@@ -312,7 +312,7 @@ class SeedWorkspace:
         """Bring the synced version back into the model after local steps."""
         if self._dirty:
             assert self._snapshot is not None
-            for (_, parameter), saved in zip(self.parameters, self._snapshot):
+            for (_, parameter), saved in zip(self.parameters, self._snapshot, strict=False):
                 parameter.copy_(saved)
             self._dirty = False
 
@@ -324,7 +324,7 @@ class SeedWorkspace:
             if self._snapshot is None:
                 self._snapshot = [parameter.detach().clone() for _, parameter in self.parameters]
             else:
-                for (_, parameter), saved in zip(self.parameters, self._snapshot):
+                for (_, parameter), saved in zip(self.parameters, self._snapshot, strict=False):
                     saved.copy_(parameter)
             self._snapshot_valid = True
         self._dirty = True
@@ -332,7 +332,7 @@ class SeedWorkspace:
     def apply(self, delta: RoundDelta) -> None:
         """w ← w − η Σ_j ΔG[j] z(s_j), ascending j: the canonical replay of one version."""
         self.restore()
-        for index, value in zip(delta.seed_index.tolist(), delta.value.tolist()):
+        for index, value in zip(delta.seed_index.tolist(), delta.value.tolist(), strict=False):
             perturb(self.parameters, self.pool[index], -self.learning_rate * value)
         self.version = delta.next_version(self.version)
         self._snapshot_valid = False
@@ -434,7 +434,7 @@ def decode_log(tensors: TensorMap, pool_size: int) -> list[RoundDelta]:
         raise InvalidInstruction(f"tensor {LOG_INDEX!r}: an index is outside [0, {pool_size})")
     if not bool(torch.isfinite(value).all()):
         raise InvalidInstruction(f"tensor {LOG_VALUE!r} holds NaN or Inf")
-    pieces = zip(index.split(sizes.tolist()), value.split(sizes.tolist()))
+    pieces = zip(index.split(sizes.tolist()), value.split(sizes.tolist()), strict=False)
     return [RoundDelta(seed_index=i, value=v) for i, v in pieces]
 
 
@@ -589,7 +589,7 @@ class FedKSeedClient(ClientStrategy[FedKSeedConfig]):
         accumulated: dict[int, float] = {}
         losses: list[float] = []
         workspace.begin_local()
-        for index, batch in zip(indices, batches):
+        for index, batch in zip(indices, batches, strict=False):
             step = zeroth_order_step(
                 workspace.parameters, workspace.pool[index], self.config.eps, train.learning_rate,
                 lambda: batch_loss(workspace.model, batch), self.config.loss_diff_clip,

@@ -81,7 +81,7 @@ class TaskConfig(StrictModel):
     train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")
-    def _builtin_pairs(self) -> "TaskConfig":
+    def _builtin_pairs(self) -> TaskConfig:
         if self.model.path.startswith("builtin:") and self.model.kind != "causal_lm":
             raise ValueError("model.kind: the built-in tiny model is a causal_lm")
         return self

@@ -7,14 +7,14 @@ import io
 import numpy as np
 import pytest
 import torch
+from admm_wls import WlsSettings, iterations_to, make_wls_problem, simulate
 from pydantic import ValidationError
 
 from fedtune.fedserver.engine import RoundEngine
-from fedtune.protos.convert import instruction_to_proto, update_to_proto
 from fedtune.fedserver.metrics import MetricsLog
+from fedtune.protos.convert import instruction_to_proto, update_to_proto
 from fedtune.simulations.runner import Federation, build_federation, run_round, run_simulation
 from fedtune.strategies.admm import AdmmConfig, AdmmServer
-from admm_wls import WlsSettings, iterations_to, make_wls_problem, simulate
 from fedtune.strategies.api import ClientUpdate, RunContext
 from fedtune.tasks.config import TrainConfig
 from tests.helpers import tiny_config

@@ -18,7 +18,14 @@ from scipy import stats
 from fedtune.fedserver.engine import RoundEngine
 from fedtune.fedserver.metrics import MetricsLog
 from fedtune.simulations.runner import Federation, build_federation, run_round, run_simulation
-from fedtune.strategies.api import ClientStrategy, ClientUpdate, InvalidUpdate, RunContext, ServerStrategy, StrategyDefinition
+from fedtune.strategies.api import (
+    ClientStrategy,
+    ClientUpdate,
+    InvalidUpdate,
+    RunContext,
+    ServerStrategy,
+    StrategyDefinition,
+)
 from fedtune.strategies.dp import (
     CLIPPING_NORM,
     UNCLIPPED,

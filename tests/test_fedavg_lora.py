@@ -8,9 +8,9 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict
 from transformers import BertConfig, BertForSequenceClassification
 
-from fedtune.protos.convert import payload_size, update_to_proto
 from fedtune.fedserver.engine import RoundEngine
 from fedtune.fedserver.metrics import MetricsLog
+from fedtune.protos.convert import payload_size, update_to_proto
 from fedtune.simulations.runner import build_federation, run_round, run_simulation
 from fedtune.strategies.api import ClientUpdate, RunContext, hash_seed, weighted_mean
 from fedtune.strategies.fedavg_lora import FedAvgLoraConfig, FedAvgLoraServer
@@ -84,10 +84,10 @@ def test_discordance_identity():
     Bs = [torch.randn(6, 2, generator=generator, dtype=torch.float64) for _ in weights]
     As = [torch.randn(2, 5, generator=generator, dtype=torch.float64) for _ in weights]
     B_bar, A_bar = weighted_mean(Bs, weights), weighted_mean(As, weights)
-    gap = sum(pi * B @ A for pi, B, A in zip(p, Bs, As)) - B_bar @ A_bar
-    torch.testing.assert_close(gap, sum(pi * (B - B_bar) @ (A - A_bar) for pi, B, A in zip(p, Bs, As)))
+    gap = sum(pi * B @ A for pi, B, A in zip(p, Bs, As, strict=False)) - B_bar @ A_bar
+    torch.testing.assert_close(gap, sum(pi * (B - B_bar) @ (A - A_bar) for pi, B, A in zip(p, Bs, As, strict=False)))
     assert gap.abs().max() > 1e-3
-    shared = sum(pi * B @ As[0] for pi, B in zip(p, Bs)) - B_bar @ weighted_mean([As[0]] * 3, weights)
+    shared = sum(pi * B @ As[0] for pi, B in zip(p, Bs, strict=False)) - B_bar @ weighted_mean([As[0]] * 3, weights)
     assert shared.abs().max() < 1e-12
 
 

@@ -161,7 +161,7 @@ def test_replayed_global_equals_weighted_average_of_client_models():
     assert len(set(counts)) > 1  # unequal weights, so p matters
     moved = 0.0
     for index, (_, parameter) in enumerate(workspace.parameters):
-        average = sum(n * end[index].double() for n, end in zip(counts, ends)) / sum(counts)
+        average = sum(n * end[index].double() for n, end in zip(counts, ends, strict=False)) / sum(counts)
         torch.testing.assert_close(parameter.double(), average, rtol=0, atol=1e-6)
         moved = max(moved, float((parameter - start[index]).abs().max()))
     assert moved > 1e-4
@@ -268,7 +268,7 @@ def test_perturb_and_restore_stays_within_rounding():
     step = zeroth_order_step(workspace.parameters, 11, eps, 0.0, lambda: float(workspace.model(**batch).loss))
     assert step is not None and step.scalar_grad != 0
     changed = 0
-    for (parameter, z), old in zip(perturbation(workspace.parameters, 11), before):
+    for (parameter, z), old in zip(perturbation(workspace.parameters, 11), before, strict=False):
         reach = old.abs() + 2 * eps * z.abs()
         ulp = torch.nextafter(reach, torch.tensor(math.inf)) - reach
         error = (parameter.detach() - old).abs()
@@ -354,7 +354,7 @@ def test_pro_server_favours_seeds_with_large_gradients_and_clients_sample_from_p
     ]
     server.aggregate(1, updates)
     levels = server.instruction(2, "client-000").tensors[SEED_LEVEL]
-    pairs = [(abs(float(v)), int(i)) for u in updates for i, v in zip(u.tensors[SEED_INDEX], u.tensors[SCALAR_GRAD])]
+    pairs = [(abs(float(v)), int(i)) for u in updates for i, v in zip(u.tensors[SEED_INDEX], u.tensors[SCALAR_GRAD], strict=False)]
     strongest = max(pairs)[1]
     assert int(levels[strongest]) == 255
     assert all(level == 0 for index, level in enumerate(levels.tolist()) if index not in {i for _, i in pairs})

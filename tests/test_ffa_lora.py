@@ -74,7 +74,7 @@ def test_aggregating_b_is_exactly_the_mean_of_client_updates():
     client_deltas = [delta_w(federation, u.tensors) for u in updates]
     global_delta = delta_w(federation, federation.server.global_tensors)
     for name, value in global_delta.items():
-        mean = sum(u.num_examples / total * d[name] for u, d in zip(updates, client_deltas))
+        mean = sum(u.num_examples / total * d[name] for u, d in zip(updates, client_deltas, strict=False))
         torch.testing.assert_close(value, mean, rtol=1e-6, atol=1e-9)
 
 

@@ -260,7 +260,7 @@ def test_server_and_three_clients_give_fedsims_global_model(case: str, tmp_path:
     tokens = init_run(tmp_path / "run", len(CLIENTS))
     files = write_partitions(config, tmp_path)
     server = start_server(tmp_path, config, {"min_clients": 3})
-    clients = [start_client(server, tmp_path, cid, files[cid], token) for cid, token in zip(CLIENTS, tokens)]
+    clients = [start_client(server, tmp_path, cid, files[cid], token) for cid, token in zip(CLIENTS, tokens, strict=False)]
     want = fedsim_run(config, tmp_path / "fedsim")  # computed while the devices train
     finish(clients, tmp_path)
     assert server.wait(60) == 0, server.output()[-3000:]
@@ -270,7 +270,7 @@ def test_server_and_three_clients_give_fedsims_global_model(case: str, tmp_path:
     assert [row.get("epsilon") for row in rows] == [row.get("epsilon") for row in fedsim_rows]
     assert ("dp" in config) == (rows[-1].get("epsilon", 0) > 0)  # a DP run is accounted for, over gRPC too
     for key in ("bytes_up", "bytes_down"):  # fedsim's accounting predicts the real messages, whose
-        for row, reference in zip(rows[1:], fedsim_rows[1:]):  # ids and framing add < 100 B a client
+        for row, reference in zip(rows[1:], fedsim_rows[1:], strict=False):  # ids and framing add < 100 B a client
             assert row[key] > 0 and abs(row[key] - reference[key]) < 0.01 * reference[key] + 100 * len(CLIENTS), (
                 key, row[key], reference[key])
     assert_same_tensors(server.global_model(), want.global_model)
@@ -304,7 +304,7 @@ def test_killed_client_round_closes_on_quorum_and_the_client_is_scheduled_again(
     files = write_partitions(config, tmp_path)
     server = start_server(tmp_path, config, {"min_clients": 3, "quorum": 0.6, "round_deadline_s": 6.0,
                                              "client_timeout_s": 4.0})
-    survivors = [start_client(server, tmp_path, cid, files[cid], token) for cid, token in zip(CLIENTS[:2], tokens)]
+    survivors = [start_client(server, tmp_path, cid, files[cid], token) for cid, token in zip(CLIENTS[:2], tokens, strict=False)]
     wait_until(lambda: len(stored(server.run_dir, RunStore.clients)) == 2, 120, "two clients", server)
     # The victim registers last, so round 1 starts selecting it while it is still building its model.
     victim = start_client(server, tmp_path, "client-002", files["client-002"], tokens[2])
@@ -332,7 +332,7 @@ def test_killed_server_resumes_and_ends_with_an_unbroken_runs_model(case: str, t
     files = write_partitions(config, tmp_path)
     port = free_port()
     server = start_server(tmp_path, config, {"min_clients": 3}, port=port)
-    others = [start_client(server, tmp_path, cid, files[cid], token) for cid, token in zip(CLIENTS[:2], tokens)]
+    others = [start_client(server, tmp_path, cid, files[cid], token) for cid, token in zip(CLIENTS[:2], tokens, strict=False)]
     me = in_process_client(server, tmp_path, "client-002", files["client-002"], tokens[2])
     me.register()
     assert me.push(me.train(pull_instruction(me, 1)))
@@ -370,7 +370,7 @@ def test_clients_that_spend_their_privacy_budget_retire_and_the_server_ends_the_
                     "epsilon": (one_round + two_rounds) / 2, "noise_seed": 7}
     tokens = init_run(tmp_path / "run", len(CLIENTS))
     server = start_server(tmp_path, config, {"min_clients": 3, "linger_s": 0})
-    clients = [start_client(server, tmp_path, cid, files[cid], token) for cid, token in zip(CLIENTS, tokens)]
+    clients = [start_client(server, tmp_path, cid, files[cid], token) for cid, token in zip(CLIENTS, tokens, strict=False)]
     finish(clients, tmp_path)
     assert server.wait(60) == 0, server.output()[-3000:]
     assert "every enrolled client has left (e.g. retired: " in server.output()
