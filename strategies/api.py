@@ -17,12 +17,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from enum import Enum
+from typing import Any, Generic, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
+from typing_extensions import TypeVar
 
 from fedtune.tasks.config import TrainConfig
 from fedtune.tasks.data import TokenDataset
@@ -38,6 +40,38 @@ class InvalidUpdate(ValueError):
 
 class InvalidInstruction(ValueError):
     """An instruction this client cannot act on; the message names the field and why."""
+
+
+class ClientRetired(RuntimeError):
+    """Raised by a client half that takes no further part in the run (e.g. its sample-level privacy
+    budget is spent); every transport tells the server the client has left, with this message."""
+
+
+class Refusal(Enum):
+    """Why the server refuses a client's request, in words every transport maps to its own status
+    (gRPC: fedserver.service; fedsim: a logged rejection)."""
+
+    UNAUTHENTICATED = "unauthenticated"  # no credentials, or an unknown enrolment token
+    NOT_REGISTERED = "not_registered"  # a known token that no client has registered with yet
+    FORBIDDEN = "forbidden"  # acting as another client
+    NAME_TAKEN = "name_taken"  # a client id registered with another token
+    MALFORMED = "malformed"  # a request that does not parse or breaks a documented bound
+    INVALID_UPDATE = "invalid_update"  # the strategy rejected the update (InvalidUpdate names why)
+    UNSUPPORTED = "unsupported"  # e.g. a protocol version this server does not speak
+    RUN_OVER = "run_over"  # the run has finished
+    NO_ROUND = "no_round"  # no round is in progress (it may have just closed)
+    WRONG_ROUND = "wrong_round"  # an update for another round than the current one
+    NOT_SELECTED = "not_selected"  # the client is not in the current round
+    DUPLICATE = "duplicate"  # an update for this round was already accepted
+    TOO_LARGE = "too_large"  # a payload over the server's limits
+
+
+class Refused(Exception):
+    """A request the server refuses: `reason` says which kind, the message names what was wrong."""
+
+    def __init__(self, reason: Refusal, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 class Message(BaseModel):
@@ -150,7 +184,32 @@ class Workspace(Protocol):
         """Write the current (global) model in the format users load (e.g. PEFT)."""
 
 
-C = TypeVar("C", bound=StrategyConfig)
+C = TypeVar("C", bound=StrategyConfig, default=StrategyConfig)
+W = TypeVar("W", bound=Workspace, default=Workspace)
+"""The workspace type a strategy's halves work on (e.g. LoraWorkspace); a plug-in that names only
+its config (`ServerStrategy[MyConfig]`) gets the plain Workspace protocol."""
+
+
+@runtime_checkable
+class HoldsGlobalTensors(Protocol):
+    """A server half whose global state is a map of named tensors, the same names a client's update
+    carries (fedavg_lora, ffa_lora, admm). What update transforms need of the strategy they wrap:
+    client-level DP takes each update's delta against these tensors."""
+
+    @property
+    def global_tensors(self) -> TensorMap: ...
+
+
+LocalTrainer = Callable[[nn.Module, list[nn.Parameter], "TokenDataset", int], float]
+"""(model, trainable parameters, local data, round) -> mean training loss of the local work."""
+
+
+@runtime_checkable
+class TrainsLocally(Protocol):
+    """A client half whose local training loop can be replaced (sample-level DP puts opacus DP-SGD
+    there) while the half keeps loading the instruction and building the update."""
+
+    def use_local_trainer(self, trainer: LocalTrainer) -> None: ...
 
 
 def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -168,7 +227,7 @@ def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> 
     return accumulator.to(tensors[0].dtype)
 
 
-class ServerStrategy(ABC, Generic[C]):
+class ServerStrategy(ABC, Generic[C, W]):
     """The server half: sampling, instructions, checking and aggregating replies, resumable state."""
 
     def __init__(self, config: C, context: RunContext):
@@ -176,7 +235,7 @@ class ServerStrategy(ABC, Generic[C]):
         self.context = context
 
     @abstractmethod
-    def initialize(self, workspace: Workspace) -> None:
+    def initialize(self, workspace: W) -> None:
         """Take the initial global state from the freshly built workspace."""
 
     def sample_clients(self, round: int, available: Sequence[str]) -> list[str]:
@@ -210,7 +269,7 @@ class ServerStrategy(ABC, Generic[C]):
         """Fold validated replies (sorted by client id) into the global state."""
 
     @abstractmethod
-    def load_global_into(self, workspace: Workspace) -> None:
+    def load_global_into(self, workspace: W) -> None:
         """Write the global state into the workspace model, for evaluation and saving."""
 
     def on_client_registered(self, client_id: str, profile: DeviceProfile) -> None:
@@ -231,7 +290,7 @@ class ServerStrategy(ABC, Generic[C]):
         del state
 
 
-class ClientStrategy(ABC, Generic[C]):
+class ClientStrategy(ABC, Generic[C, W]):
     """The client half: local work on private data; state that must persist lives here."""
 
     def __init__(self, config: C, context: RunContext, client_id: str):
@@ -240,10 +299,10 @@ class ClientStrategy(ABC, Generic[C]):
         self.client_id = client_id
 
     @abstractmethod
-    def fit(self, workspace: Workspace, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
+    def fit(self, workspace: W, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
         """Train locally from the instruction's global state and return the update to send."""
 
-    def idle(self, workspace: Workspace, round: int, data: TokenDataset) -> None:
+    def idle(self, workspace: W, round: int, data: TokenDataset) -> None:
         """A round this client takes no part in (not scheduled, or its instruction was lost).
         Default: nothing; noise-robust ADMM keeps updating locally here (arXiv:2409.13451)."""
 
