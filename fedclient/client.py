@@ -31,6 +31,7 @@ from fedtune.protos.payload import (
 )
 from fedtune.protos.runspec import RunSpec
 from fedtune.strategies.api import (
+    ClientRetired,
     ClientStrategy,
     ClientUpdate,
     DeviceProfile,
@@ -226,8 +227,6 @@ class FederatedClient:
 
     def run(self) -> str:
         """Take part until the server says the run is over; returns its reason."""
-        from fedtune.strategies.dp import ClientRetired
-
         try:
             self.register()
             rounds = self.spec.rounds if self.spec else 0

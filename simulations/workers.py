@@ -34,8 +34,7 @@ from pydantic import BaseModel, ConfigDict
 
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos.convert import instruction_from_proto, instruction_to_proto, update_to_proto
-from fedtune.strategies.api import ClientStrategy, Instruction, Workspace
-from fedtune.strategies.dp import ClientRetired
+from fedtune.strategies.api import ClientRetired, ClientStrategy, Instruction, Workspace
 from fedtune.tasks.data import TokenDataset
 
 

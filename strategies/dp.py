@@ -53,6 +53,7 @@ from torch import nn
 from torch.nn import functional
 
 from fedtune.strategies.api import (
+    ClientRetired,
     ClientStrategy,
     ClientUpdate,
     DeviceProfile,
@@ -77,10 +78,6 @@ CLIPPING_NORM = "dp_clipping_norm"
 """Instruction setting: the clipping norm C the client must apply this round."""
 UNCLIPPED = "dp_unclipped"
 """Update metric under adaptive clipping: 1.0 when the client's update norm was ≤ C, else 0.0."""
-
-
-class ClientRetired(RuntimeError):
-    """This client's sample-level privacy budget is spent; it takes no further part in the run."""
 
 
 class Config(BaseModel):
