@@ -153,7 +153,8 @@ class WlsFederation:
         K = problem.clients
         scheduled = np.flatnonzero(self.rng.random(K) < settings.selection_prob)
         idle = np.setdiff1d(np.arange(K), scheduled)
-        received = self._noisy(np.broadcast_to(self.global_model, (len(scheduled), problem.features)), settings.downlink_std)
+        broadcast = np.broadcast_to(self.global_model, (len(scheduled), problem.features))
+        received = self._noisy(broadcast, settings.downlink_std)
         if settings.algorithm == "fedavg":
             local = received.copy()
             for _ in range(settings.fedavg_steps):
@@ -170,7 +171,8 @@ class WlsFederation:
         self.uploads[scheduled] = self._noisy(uploads, settings.uplink_std)
         self.global_model = self.uploads.mean(axis=0)
         if settings.algorithm == "fedadmm":  # §4.3 step 5: a second noisy reception for the dual
-            second = self._noisy(np.broadcast_to(self.global_model, (len(scheduled), problem.features)), settings.downlink_std)
+            broadcast = np.broadcast_to(self.global_model, (len(scheduled), problem.features))
+            second = self._noisy(broadcast, settings.downlink_std)
             self.dual[scheduled] += settings.rho * (self.local[scheduled] - second)
         if settings.continual and len(idle):
             self._local_update(idle, self.last_received[idle])

@@ -7,14 +7,16 @@ update). Each light client is a thread with its own gRPC channel (its own TCP co
 the protocol through the fedclient library's Connection and payload streams: Register, long-poll
 PullInstruction, PushUpdate (the instruction's tensors sent back: a valid update, no training),
 then poll until DONE. The light clients are coroutines on one grpc.aio event loop in this process,
-each with its own channel (its own TCP connection), so the harness stays cheap. Reported per N: wall time from the first Register to the last client hearing
-DONE, the server's peak RSS, retried RPCs and failed clients.
+each with its own channel (its own TCP connection), so the harness stays cheap. Reported per N:
+wall time from the first Register to the last client hearing DONE, the server's peak RSS,
+retried RPCs and failed clients.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import socket
 import subprocess
@@ -100,8 +102,7 @@ class LightClient:
                     if instruction is not None:
                         update = ClientUpdate(client_id=reply.client_id, round=status.round, num_examples=1,
                                               tensors=instruction.tensors)
-                        await self._retrying(lambda: stub.PushUpdate(
-                            _aiter(update_messages(update, limits.chunk_bytes)), metadata=self.metadata))
+                        await self._retrying(functools.partial(self._push, stub, update, limits))
             except Exception as error:  # noqa: BLE001 - a failed client is counted, not fatal
                 self.error = f"{type(error).__name__}: {error}"
 
@@ -115,6 +116,9 @@ class LightClient:
         while (message := await stream.read()) is not grpc.aio.EOF:
             reader.feed(message)
         return status, instruction_from_stream(reader)
+
+    async def _push(self, stub, update: ClientUpdate, limits: Limits):
+        return await stub.PushUpdate(_aiter(update_messages(update, limits.chunk_bytes)), metadata=self.metadata)
 
 
 async def _aiter(items):
@@ -159,7 +163,8 @@ def bench(clients: int, tmp: Path) -> dict[str, float]:
             raise RuntimeError(f"every client failed, e.g. {failed[0]}")
         server.wait(timeout=120)
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return {"wall": wall, "server_cpu": server_seconds, "rss_peak": rss.peak, "retried": sum(c.retried for c in light),
+        return {"wall": wall, "server_cpu": server_seconds, "rss_peak": rss.peak,
+                "retried": sum(c.retried for c in light),
                 "failed": sum(c.error is not None for c in light), "accepted": metrics[-1]["clients"],
                 "errors": [c.error for c in light if c.error][:3]}
     finally:
@@ -175,7 +180,8 @@ def main() -> None:
         for clients in args.clients:
             result = bench(clients, Path(tmp_name))
             print(f"{clients:5d} clients: one round in {result['wall']:6.1f} s wall, {result['accepted']} updates "
-                  f"aggregated, server CPU {result['server_cpu']:.1f} s, server peak RSS {result['rss_peak'] / MiB:.0f} MiB, retried RPCs "
+                  f"aggregated, server CPU {result['server_cpu']:.1f} s, server peak RSS "
+                  f"{result['rss_peak'] / MiB:.0f} MiB, retried RPCs "
                   f"{result['retried']}, failed clients {result['failed']}"
                   + (f" (e.g. {result['errors']})" if result["errors"] else ""), flush=True)
 

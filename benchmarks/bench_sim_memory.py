@@ -77,7 +77,8 @@ def measured_run(strategy: str, clients: int, workers: int, out: Path) -> None:
     warnings.filterwarnings("ignore")
     config = run_config(strategy, clients, workers)
     federation = build_federation(config)
-    pool = WorkerPool(federation.clients, federation.workspace, federation.data.clients, workers) if workers > 1 else None
+    pool = (WorkerPool(federation.clients, federation.workspace, federation.data.clients, workers)
+            if workers > 1 else None)
     engine = RoundEngine(federation.server, federation.workspace, federation.data.eval,
                          config.train.eval_batch_size, MetricsLog(out.parent / f"metrics-{out.stem}"))
     with pool or nullcontext():
@@ -131,7 +132,8 @@ def report(rows: list[dict[str, Any]], fewest: int, most: int) -> None:
     for row in rows:
         distinct, after = (row[key] or float("nan") for key in ("tree_unique_mb", "held_after_mb"))
         print(f"{row['strategy']:<13} {row['clients']:>7} {row['workers']:>7}  {row['parent_peak_rss_mb']:>12.0f} MB"
-              f"  {distinct:>19.0f} MB  {row['tree_pss_mb']:>5.0f} MB  {after:>10.0f} MB  {row['client_state_mb']:>9.2f} MB"
+              f"  {distinct:>19.0f} MB  {row['tree_pss_mb']:>5.0f} MB  {after:>10.0f} MB  "
+              f"{row['client_state_mb']:>9.2f} MB"
               f"  {row['server_state_mb']:>9.2f} MB")
     middle = sorted({row["clients"] for row in rows})[1:-1]
     for strategy, workers in dict.fromkeys((row["strategy"], row["workers"]) for row in rows):
@@ -139,7 +141,8 @@ def report(rows: list[dict[str, Any]], fewest: int, most: int) -> None:
         print(f"\n{strategy}, workers = {workers}: per extra client")
         for low in [fewest, *middle]:
             extra = most - low
-            state = sum(by_clients[most][k] - by_clients[low][k] for k in ("client_state_mb", "server_state_mb")) / extra
+            kinds = ("client_state_mb", "server_state_mb")
+            state = sum(by_clients[most][k] - by_clients[low][k] for k in kinds) / extra
             line = f"  {low:>3} -> {most} clients:"
             for label, key in (("parent peak RSS", "parent_peak_rss_mb"), ("tree peak", "tree_unique_mb"),
                                ("tree after the round", "held_after_mb")):

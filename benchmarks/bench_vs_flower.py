@@ -93,7 +93,8 @@ def export_task(config: SimulationConfig, task_dir: Path) -> None:
     client_ids = sorted(federation.clients)
 
     def columns(dataset: TokenDataset) -> dict[str, list]:
-        return {"input_ids": [list(e.input_ids) for e in dataset.examples], "labels": [e.labels for e in dataset.examples]}
+        return {"input_ids": [list(e.input_ids) for e in dataset.examples],
+                "labels": [e.labels for e in dataset.examples]}
 
     orders: dict[str, dict[str, list[list[int]]]] = {}
     seeds: dict[str, dict[str, int]] = {}
@@ -173,7 +174,8 @@ def main() -> None:
                 peaks[name].append(peak)
                 rows.setdefault(name, read_rows(out / "metrics.jsonl"))
                 print(f"{name} run {repeat + 1}: {peak.wall_s:.1f} s wall, {peak.cpu_s:.1f} s CPU, "
-                      f"peak PSS {peak.pss_mb:.0f} MB, distinct pages {peak.unique_mb or float('nan'):.0f} MB", flush=True)
+                      f"peak PSS {peak.pss_mb:.0f} MB, distinct pages {peak.unique_mb or float('nan'):.0f} MB",
+                      flush=True)
         report(rows["fedsim"], rows["flower"], peaks["fedsim"], peaks["flower"])
 
 

@@ -96,5 +96,6 @@ def rouge_l_eval(
     """Mean Rouge-L F of greedy generations for `rows`' prompts against their responses."""
     prompts = [prompt_text(row, data) for row in rows]
     predictions = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size)
-    scores = [rouge_l(prediction, str(row[data.response_field])).f for prediction, row in zip(predictions, rows, strict=False)]
+    scores = [rouge_l(prediction, str(row[data.response_field])).f
+              for prediction, row in zip(predictions, rows, strict=True)]
     return sum(scores) / len(scores)

@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     join = commands.add_parser("join", help="join a run and train until it ends")
     join.add_argument("--server", required=True, help="HOST:PORT of the fedserver")
-    join.add_argument("--data", type=Path, required=True, help="this device's examples (jsonl/json/csv/tsv or a folder)")
+    join.add_argument("--data", type=Path, required=True,
+                      help="this device's examples (jsonl/json/csv/tsv or a folder)")
     join.add_argument("--token", help="enrollment token (from the server operator); remembered in the state file")
     join.add_argument("--token-file", type=Path, help="read the token from this file instead")
     join.add_argument("--ca", type=Path, help="the run's CA certificate (PEM), to verify the server")
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         token = args.token_file.read_text().strip()
     console = Console(stderr=True)
     interactive = console.is_terminal and not args.quiet
-    logging.basicConfig(level=logging.INFO, format="%(message)s" if interactive else "%(asctime)s fedclient %(message)s",
+    logging.basicConfig(level=logging.INFO,
+                        format="%(message)s" if interactive else "%(asctime)s fedclient %(message)s",
                         handlers=[RichHandler(console=console, show_path=False)] if interactive else None,
                         force=True)  # opacus configures the root logger when imported (a [dp] run)
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # raised inside peft
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         profile=DeviceProfile(memory_mb=args.memory_mb, compute_class=args.compute_class, codecs=codecs),
     )
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console, disable=not interactive)
+                        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
+                        disable=not interactive)
 
     class RichReporter(Reporter):
         def __init__(self) -> None:

@@ -82,7 +82,8 @@ class Channel:
         received = {}
         for name in sorted(tensors):
             tensor = tensors[name]
-            received[name] = _add_noise(tensor, link.variance_for(tensor), generator) if tensor.is_floating_point() else tensor
+            noisy = tensor.is_floating_point()
+            received[name] = _add_noise(tensor, link.variance_for(tensor), generator) if noisy else tensor
         return {name: received[name] for name in tensors}
 
     def downlink(self, instruction: Instruction, client_id: str) -> Instruction | None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import random
 import string
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -56,7 +58,9 @@ def majority_examples(count: int, seed: int) -> list[dict[str, str | int]]:
     return rows
 
 
-BUILTIN_DATASETS = {"builtin:ops": ops_examples, "builtin:majority": majority_examples}
+BUILTIN_DATASETS: dict[str, Callable[[int, int], list[dict[str, Any]]]] = {
+    "builtin:ops": ops_examples, "builtin:majority": majority_examples,
+}
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -77,17 +81,17 @@ def tiny_model(name: str, vocab_size: int, num_labels: int, seed: int) -> PreTra
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if name == "builtin:tiny-llama":
-            config = LlamaConfig(
+            llama = LlamaConfig(
                 vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                 pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False,
             )
-            return LlamaForCausalLM(config)
+            return LlamaForCausalLM(llama)
         if name == "builtin:tiny-bert":
-            config = BertConfig(
+            bert = BertConfig(
                 vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=256, num_labels=num_labels,
-                pad_token_id=0,
+                num_attention_heads=4, max_position_embeddings=256, pad_token_id=0,
             )
-            return BertForSequenceClassification(config)
+            bert.num_labels = num_labels
+            return BertForSequenceClassification(bert)
     raise ValueError(f"model.path: unknown built-in model {name!r}; known: {sorted(BUILTIN_MODELS)}")

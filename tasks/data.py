@@ -171,10 +171,13 @@ class TokenDataset:
         else:
             labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
             for row, item in enumerate(items):
+                assert isinstance(item.labels, tuple), "a causal_lm example's labels are token ids"
                 labels[row, : len(item.labels)] = torch.tensor(item.labels)
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
-    def train_batches(self, steps: int, batch_size: int, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+    def train_batches(
+        self, steps: int, batch_size: int, generator: torch.Generator
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """`steps` batches drawn from seeded shuffled passes over the data."""
         order: list[int] = []
         for _ in range(steps):

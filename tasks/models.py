@@ -37,7 +37,7 @@ def load_model(config: ModelConfig, seed: int = 0) -> ModelBundle:
     if config.path in BUILTIN_MODELS:
         if BUILTIN_MODELS[config.path] != config.kind:
             raise ModelLoadError(f"model.kind: {config.path} is a {BUILTIN_MODELS[config.path]} model")
-        tokenizer = char_tokenizer()
+        tokenizer: PreTrainedTokenizerBase = char_tokenizer()
         model = tiny_model(config.path, len(tokenizer), config.num_labels, seed)
     else:
         with torch.random.fork_rng(devices=[]):

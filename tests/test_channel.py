@@ -91,7 +91,8 @@ def test_message_wrappers_keep_everything_but_the_tensors():
     received = channel.downlink(instruction, "client-002")
     assert received.round == 4 and received.settings == {"x": 1}
     assert torch.equal(received.tensors["w"], channel.transmit(instruction.tensors, 4, "client-002", "down")["w"])
-    update = ClientUpdate(client_id="client-002", round=4, num_examples=5, tensors=signal(8), metrics={"train_loss": 1.0})
+    update = ClientUpdate(client_id="client-002", round=4, num_examples=5, tensors=signal(8),
+                          metrics={"train_loss": 1.0})
     delivered = channel.uplink(update)
     assert (delivered.client_id, delivered.num_examples, delivered.metrics) == ("client-002", 5, {"train_loss": 1.0})
     assert not torch.equal(delivered.tensors["w"], update.tensors["w"])

@@ -48,5 +48,6 @@ def test_console_scripts_point_into_the_namespace(wheel: zipfile.ZipFile, wheel_
     (entry_points_file,) = [name for name in wheel_names if name.endswith(".dist-info/entry_points.txt")]
     parser = configparser.ConfigParser()
     parser.read_string(wheel.read(entry_points_file).decode())
-    assert dict(parser["console_scripts"]) == {"fedsim": "fedtune.simulations.cli:main", "fedserver": "fedtune.fedserver.cli:main",
+    assert dict(parser["console_scripts"]) == {"fedsim": "fedtune.simulations.cli:main",
+                                                "fedserver": "fedtune.fedserver.cli:main",
                        "fedclient": "fedtune.fedclient.cli:main"}

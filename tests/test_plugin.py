@@ -20,7 +20,8 @@ def test_example_plugin_installs_and_runs_a_federation(tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
     listed = subprocess.run(
-        [sys.executable, "-c", "from fedtune.strategies.registry import available_strategies; print(available_strategies())"],
+        [sys.executable, "-c",
+         "from fedtune.strategies.registry import available_strategies; print(available_strategies())"],
         env=env, capture_output=True, text=True, check=True,
     ).stdout
     assert "fedmedian_lora" in listed
@@ -32,7 +33,8 @@ def test_example_plugin_installs_and_runs_a_federation(tmp_path):
         '[data]\nmax_train_examples = 400\nmax_eval_examples = 32\n'
     )
     run = subprocess.run(
-        [sys.executable, "-m", "fedtune.simulations.cli", "run", str(config), "--out", str(tmp_path / "out"), "--quiet"],
+        [sys.executable, "-m", "fedtune.simulations.cli", "run", str(config), "--out", str(tmp_path / "out"),
+         "--quiet"],
         env=env, capture_output=True, text=True,
     )
     assert run.returncode == 0, run.stderr

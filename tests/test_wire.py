@@ -28,10 +28,12 @@ def test_every_dtype_round_trips_bit_exactly(dtype):
 
 
 def test_messages_round_trip_with_typed_settings():
-    instruction = Instruction(round=3, tensors={"a": torch.ones(2)}, settings={"flag": True, "k": 7, "lr": 0.5, "s": "x"})
+    instruction = Instruction(round=3, tensors={"a": torch.ones(2)},
+                              settings={"flag": True, "k": 7, "lr": 0.5, "s": "x"})
     back = instruction_from_proto(instruction_to_proto(instruction))
     assert back.settings == instruction.settings and type(back.settings["k"]) is int
-    update = ClientUpdate(client_id="c", round=3, num_examples=9, tensors={"b": torch.zeros(1, 4)}, metrics={"train_loss": 1.5})
+    update = ClientUpdate(client_id="c", round=3, num_examples=9, tensors={"b": torch.zeros(1, 4)},
+                          metrics={"train_loss": 1.5})
     again = update_from_proto(update_to_proto(update))
     assert again.client_id == "c" and again.num_examples == 9 and torch.equal(again.tensors["b"], update.tensors["b"])
 
