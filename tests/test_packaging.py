@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # pip builds and installs
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.e2e  # pip builds and installs
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fedtune-plugin-example"
 
 
