@@ -17,9 +17,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from fedtune.fedserver.config import ServerConfig, ServerConfigError, load_server_config, parse_server_config
+from fedtune.fedserver.config import ServerConfig
 from fedtune.fedserver.security import TlsFiles, create_tls, hash_token, new_token, write_tokens
 from fedtune.fedserver.store import RunStore
+from fedtune.strategies.runconfig import ConfigError, load_run_config, parse_run_config
 
 STATE_FILE = "state.sqlite"
 TOKENS_FILE = "enrollment-tokens.txt"
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return _status(args)
         return _start(args)
-    except (UsageError, ServerConfigError, FileNotFoundError) as error:
+    except (UsageError, ConfigError, FileNotFoundError) as error:
         print(f"fedserver: {error}", file=sys.stderr)
         return 2
 
@@ -93,15 +94,13 @@ def _start_config(args: argparse.Namespace) -> ServerConfig:
     if args.insecure:
         overrides["insecure"] = True
     if args.config is not None:
-        return load_server_config(args.config, overrides)
+        return load_run_config(ServerConfig, args.config, overrides)
     if not args.resume:
         raise UsageError("start: --config is required (it may be left out only with --resume)")
     if args.run_dir is None:
         raise UsageError("start --resume without --config needs --run-dir")
     stored = _stored_config(args.run_dir / STATE_FILE)
-    raw = json.loads(stored.model_dump_json())
-    raw["server"] = {**raw["server"], **overrides}
-    return parse_server_config(raw, "stored config", None)
+    return parse_run_config(ServerConfig, json.loads(stored.model_dump_json()), "stored config", None, overrides)
 
 
 def _stored_config(path: Path) -> ServerConfig:

@@ -28,7 +28,9 @@ BUILTIN_MODULES = {
 }
 # Update transforms that wrap any tensor-valued strategy, by config section, applied in this
 # order (innermost first). Each module exposes `Config` (pydantic) and
-# `wrap(definition, config) -> StrategyDefinition`.
+# `wrap(definition, config) -> StrategyDefinition`. This is the only list of wrappers: run configs
+# get their top-level sections from it (strategies.runconfig), the run spec its `wrappers`, and a
+# resumed fedserver run the fields it must keep. Modules are imported only when a section is used.
 WRAPPER_MODULES = {
     "dp": "fedtune.strategies.dp",
     "compression": "fedtune.strategies.compression",
@@ -100,9 +102,10 @@ def validate_run_options(
     except ValidationError as error:
         raise ValueError(_fields("options", error)) from error
     for section in WRAPPER_MODULES:
-        if wrappers.get(section) is not None:
+        section_options = wrappers.get(section)
+        if section_options is not None:
             try:
-                wrapper_config(section, wrappers[section])
+                wrapper_config(section, section_options)
             except ValidationError as error:
                 raise ValueError(_fields(section, error)) from error
     return config

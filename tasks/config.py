@@ -73,11 +73,13 @@ def resolve_path(value: str, base_dir: Path | None) -> str:
 
 
 class TaskConfig(StrictModel):
-    """Everything the task layer needs: model, data, partition and local training."""
+    """The task every side builds alike (server, devices, fedsim): model, data fields and local training.
+
+    How fedsim partitions data over virtual clients (`PartitionConfig`) is not part of it: a device brings its own.
+    """
 
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    partition: PartitionConfig = PartitionConfig()
     train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")

@@ -1,0 +1,127 @@
+"""What a run is, shared by every side: the fields, their validation and the TOML file they come from.
+
+`RunFields` is what a client needs to take part (`protos.runspec.RunSpec` carries exactly these);
+`RunConfig` is the file users write: those fields, plus one top-level table per registered wrapper
+(`[dp]`, `[compression]`: `registry.WRAPPER_MODULES` is the only list of them) and `[partition]`.
+fedsim's and fedserver's configs add their own sections to it, so an experiment moves between them
+unchanged. `load_run_config` reads any of them, with one set of error messages.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from abc import abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
+
+from pydantic import Field, ValidationError, create_model, model_validator
+
+from fedtune.strategies.api import RunContext, StrategyConfig, StrategyDefinition
+from fedtune.strategies.registry import WRAPPER_MODULES, resolve, validate_run_options
+from fedtune.tasks.config import PartitionConfig, TaskConfig, format_validation_error, resolve_path
+
+WrapperSections = dict[str, dict[str, Any] | None]
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and each bad field."""
+
+
+class RunFields(TaskConfig):
+    """The run as every client must see it: the strategy, its options and wrappers, the task, rounds and seed."""
+
+    strategy: str = Field("fedavg_lora", description="Registered strategy name.")
+    options: dict[str, Any] = Field(default_factory=dict, description="The strategy's own config.")
+    rounds: int = Field(10, ge=1)
+    seed: int = Field(0, ge=0)
+
+    @abstractmethod
+    def wrappers(self) -> WrapperSections:
+        """Every wrapper section by name (None: not applied), in `WRAPPER_MODULES` order."""
+
+    def strategy_config(self) -> StrategyConfig:
+        """The options and wrapper sections, each validated by its own model (errors name the field)."""
+        return validate_run_options(self.strategy, self.options, self.wrappers())
+
+    def definition(self) -> StrategyDefinition:
+        return resolve(self.strategy, self.wrappers())
+
+    def context(self) -> RunContext:
+        return RunContext(seed=self.seed, rounds=self.rounds, train=self.train, model_kind=self.model.kind)
+
+
+def with_wrapper_sections(base: type[RunFields]) -> type[RunFields]:
+    """`base` plus one optional top-level table per registered wrapper: adding a wrapper adds its section."""
+    sections: dict[str, Any] = {
+        section: (dict[str, Any] | None, Field(None, description=f"Options of {module}; absent: not applied."))
+        for section, module in WRAPPER_MODULES.items()
+    }
+    return create_model(f"{base.__name__}WithWrapperSections", __base__=base, __module__=__name__, **sections)
+
+
+if TYPE_CHECKING:  # the sections are generated from the table, so a type checker sees only the base
+    _RunFieldsWithWrapperSections = RunFields
+else:
+    _RunFieldsWithWrapperSections = with_wrapper_sections(RunFields)
+
+
+class RunConfig(_RunFieldsWithWrapperSections):
+    """The run part of a config file, which fedsim's and fedserver's configs extend."""
+
+    # Which table command-line overrides replace keys of (None: the top level).
+    OVERRIDES_SECTION: ClassVar[str | None] = None
+
+    partition: PartitionConfig = PartitionConfig()
+
+    @model_validator(mode="after")
+    def _strategy_and_wrappers(self) -> Self:
+        self.strategy_config()
+        return self
+
+    def wrappers(self) -> WrapperSections:
+        return {section: getattr(self, section) for section in WRAPPER_MODULES}
+
+    @classmethod
+    def spec_fields(cls) -> tuple[str, ...]:
+        """The fields every client is sent (RunFields' and the wrapper sections): a resumed run must keep them."""
+        return (*RunFields.model_fields, *WRAPPER_MODULES)
+
+    def with_resolved_paths(self, base_dir: Path | None) -> Self:
+        """Relative data and model paths are relative to the config file, as users expect."""
+        data = {"train": self.data.train, "eval": self.data.eval}
+        return self.model_copy(update={
+            "data": self.data.model_copy(update={key: resolve_path(value, base_dir) for key, value in data.items()
+                                                 if value}),
+            "model": self.model.model_copy(update={"path": resolve_path(self.model.path, base_dir)}),
+        })
+
+
+ConfigT = TypeVar("ConfigT", bound=RunConfig)
+
+
+def load_run_config(config_class: type[ConfigT], path: Path | None,
+                    overrides: Mapping[str, Any] | None = None) -> ConfigT:
+    """Read and validate a TOML config file (None: every default) into `config_class`."""
+    if path is None:
+        return parse_run_config(config_class, {}, "defaults", None, overrides)
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise ConfigError(f"{path}: no such file") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from error
+    return parse_run_config(config_class, raw, str(path), Path(path).resolve().parent, overrides)
+
+
+def parse_run_config(config_class: type[ConfigT], raw: Mapping[str, Any], source: str, base_dir: Path | None,
+                     overrides: Mapping[str, Any] | None = None) -> ConfigT:
+    """Validate `raw` (from `source`), with `overrides` in the class's OVERRIDES_SECTION, and resolve its paths."""
+    if overrides:
+        section = config_class.OVERRIDES_SECTION
+        raw = {**raw, **overrides} if section is None else {**raw, section: {**raw.get(section, {}), **overrides}}
+    try:
+        config = config_class.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: invalid config\n{format_validation_error(error)}") from error
+    return config.with_resolved_paths(base_dir)
