@@ -93,7 +93,10 @@ def bench_throughput() -> list[dict[str, Any]]:
     adapter = [torch.randn(8, 384, generator=generator) * 0.01 for _ in range(12)]
     adapter += [torch.randn(384, 8, generator=generator) * 0.01 for _ in range(12)]
     adapter += [torch.randn(2, 384, generator=generator), torch.randn(2, generator=generator)]
-    workloads = {"MiniLM adapter (74.5k values)": adapter, "one 4M-value tensor": [torch.randn(4096, 1024, generator=generator)]}
+    workloads = {
+        "MiniLM adapter (74.5k values)": adapter,
+        "one 4M-value tensor": [torch.randn(4096, 1024, generator=generator)],
+    }
     settings = {"fp16": CodecParams(), "bf16": CodecParams(), "int8": CodecParams(block_size=64),
                 "int4": CodecParams(block_size=64), "topk": CodecParams(density=0.1),
                 "topk_ternary": CodecParams(density=0.01)}
@@ -102,7 +105,8 @@ def bench_throughput() -> list[dict[str, Any]]:
     for codec in CODEC_IDS:
         for workload, tensors in workloads.items():
             enc, dec = throughput(tensors, codec, settings[codec])
-            ratio = sum(t.numel() * 4 for t in tensors) / sum(encode(codec, t, settings[codec]).numel() for t in tensors)
+            encoded_bytes = sum(encode(codec, t, settings[codec]).numel() for t in tensors)
+            ratio = sum(t.numel() * 4 for t in tensors) / encoded_bytes
             rows.append({"codec": codec, "workload": workload, "encode_mb_s": round(enc, 1),
                          "decode_mb_s": round(dec, 1), "ratio": round(ratio, 2)})
             print(f"{codec:<14}{workload:<32}{enc:>12.1f}{dec:>12.1f}{ratio:>15.2f}")
@@ -155,7 +159,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--skip-accuracy", action="store_true", help="throughput only")
-    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="which runs (first = reference)")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS),
+                        help="which runs (first = reference)")
     parser.add_argument("--csv", default="compression.csv", help="file name under benchmarks/results")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")

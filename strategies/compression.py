@@ -7,8 +7,8 @@ result is encoded by `fedtune.strategies.codecs` into a uint8 blob sent as `<nam
 dropped becomes the new residual, kept in the client's state. Server: each blob is decoded and
 added back to the tensor that client was sent, so the inner strategy validates and aggregates full
 tensors and needs no change. Non-float tensors pass untouched. With `downlink` set, the server also
-sends the global float tensors encoded (fp16/bf16/int8), and the client's delta is taken against
-exactly what it decoded, so both sides agree bit for bit.
+sends the global float tensors encoded (with a codec marked `Codec.downlink`: fp16, bf16, int8), and
+the client's delta is taken against exactly what it decoded, so both sides agree bit for bit.
 
 Negotiation: a client's codec is `by_client[id]`, else `by_compute_class[its compute_class]`, else
 `codec`; if its device profile does not list that codec, the first of `fallback` it lists ("none"
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field, ValidationError
@@ -44,13 +44,20 @@ from fedtune.strategies.api import (
     check_tensors,
     hash_seed,
 )
-from fedtune.strategies.codecs import CodecError, CodecName, CodecParams, decode, encode, within_range
+from fedtune.strategies.codecs import (
+    CodecError,
+    CodecName,
+    CodecParams,
+    DownlinkCodecName,
+    decode,
+    encode,
+    within_range,
+)
 from fedtune.strategies.wrappers import ClientWrapper, ServerWrapper
 from fedtune.tasks.data import TokenDataset
 
 ENCODED_SUFFIX = "|enc"
 SETTING_PREFIX = "compression."
-DownlinkCodec = Literal["none", "fp16", "bf16", "int8"]
 
 
 class Config(CodecParams):
@@ -65,7 +72,9 @@ class Config(CodecParams):
         ("int8", "fp16", "none"), description="Tried in order when a client's profile lacks the chosen codec."
     )
     error_feedback: bool = Field(True, description="Keep what the codec dropped and add it next round.")
-    downlink: DownlinkCodec = Field("none", description="Codec for the global tensors sent to clients.")
+    downlink: DownlinkCodecName = Field(
+        "none", description="Codec for the global tensors sent to clients: one of `codecs.DOWNLINK_CODECS`."
+    )
 
     def codec_params(self) -> CodecParams:
         return CodecParams.model_validate(self.model_dump(include=set(CodecParams.model_fields)))
@@ -116,7 +125,9 @@ class Sent:
 
 
 def _shape_matches(spec: TensorSpec, shape: torch.Size) -> bool:
-    return len(spec.shape) == len(shape) and all(want is None or want == got for want, got in zip(spec.shape, shape, strict=False))
+    return len(spec.shape) == len(shape) and all(
+        want is None or want == got for want, got in zip(spec.shape, shape, strict=False)
+    )
 
 
 class CompressionServer(ServerWrapper):
@@ -159,15 +170,15 @@ class CompressionServer(ServerWrapper):
             if downlink == "none" or not tensor.is_floating_point():
                 tensors[name] = base[name] = tensor
             else:
-                codec = within_range(downlink, tensor)
-                tensors[name + ENCODED_SUFFIX] = encode(codec, tensor, downlink_params, name=name)
-                base[name] = decode(tensors[name + ENCODED_SUFFIX], name=name)
-        codec = CodecSettings(
+                encoded = encode(within_range(downlink, tensor), tensor, downlink_params, name=name)
+                tensors[name + ENCODED_SUFFIX] = encoded
+                base[name] = decode(encoded, name=name)
+        uplink = CodecSettings(
             codec=self.codec_for(client_id), error_feedback=self.compression.error_feedback,
             **self.compression.codec_params().model_dump(),
         )
-        self._sent[client_id] = Sent(round=round, codec=codec.codec, tensors=base)
-        return Instruction(round=round, tensors=tensors, settings={**inner.settings, **codec.to_settings()})
+        self._sent[client_id] = Sent(round=round, codec=uplink.codec, tensors=base)
+        return Instruction(round=round, tensors=tensors, settings={**inner.settings, **uplink.to_settings()})
 
     def update_specs(self) -> dict[str, TensorSpec]:
         """A compressed reply: each float tensor as a 1-D uint8 blob `<name>|enc`, others unchanged.
@@ -207,7 +218,9 @@ class CompressionServer(ServerWrapper):
                 raise InvalidUpdate(f"{origin}: {error}") from error
             base = sent.tensors.get(name)
             if not _shape_matches(spec, delta.shape) or (base is not None and base.shape != delta.shape):
-                raise InvalidUpdate(f"{origin}: tensor {name!r} decodes to shape {tuple(delta.shape)}, expected {spec.shape}")
+                raise InvalidUpdate(
+                    f"{origin}: tensor {name!r} decodes to shape {tuple(delta.shape)}, expected {spec.shape}"
+                )
             tensors[name] = (delta if base is None else base.to(torch.float32) + delta).to(spec.dtype)
         return update.model_copy(update={"tensors": tensors})
 
@@ -220,7 +233,10 @@ class CompressionServer(ServerWrapper):
         decoded = []
         for update in updates:
             cached = self._decoded.get(update.client_id)
-            decoded.append(cached[1] if cached is not None and cached[0] is update else self.decode_update(update, round))
+            if cached is not None and cached[0] is update:
+                decoded.append(cached[1])
+            else:
+                decoded.append(self.decode_update(update, round))
         self.inner.aggregate(round, decoded)
         self._decoded.clear()
         self._sent.clear()

@@ -1,42 +1,27 @@
 """FedKSeed (Qin et al., ICML 2024, arXiv:2312.06353): full-parameter zeroth-order tuning by seed exchange.
 
 Every floating-point parameter of the plain transformers model is trained (no peft), yet only
-(seed index, scalar) pairs cross the wire, whatever the model's size (algorithms.md §3).
+(seed index, scalar) pairs cross the wire, whatever the model's size (algorithms.md §3). This module
+holds the strategy: its config, the workspace and both halves. Its building blocks are
+`fedkseed_kernels` (the seed pool, the seeded perturbation z(s), the two-point step, Pro's seed
+probabilities) and `fedkseed_history` (versions, ΔG per aggregation, the catch-up log).
 
-- Seed pool: K seeds `hash_seed(run seed, "fedkseed-pool", k)`, derived by everyone from the run
-  seed, so the pool never travels. K defaults to 4096, the reference code's default (the README's
-  example commands pass 1024).
-- Perturbation z(s): the trained parameters in canonical order (sorted names), each cut into
-  chunks of `PERTURBATION_CHUNK` values; chunk c of parameter p is `torch.randn` in float32 from
-  its own CPU `torch.Generator` (mt19937) seeded with `hash_seed(s, p, c)`. Independent streams
-  let chunks be generated on all cores at once (torch's normal generator is single-threaded, and
-  regenerating z three times a step is FedKSeed's main overhead), and z does not depend on the
-  thread count. A perturbation holds one chunk per thread (4 MB), never a copy of the model.
-  Bit-identical across processes on the same CPU kind; torch picks its vectorised normal kernel by
-  CPU capability, so across machines pin `ATEN_CPU_CAPABILITY` to one value.
-- Client step (MeZO pattern, Malladi et al. arXiv:2305.17333, Alg. 1; algorithms.md §3.3): w += εz,
-  L+; w −= 2εz, L−; g = (L+ − L−)/2ε; then w += (ε − ηg)z, the restore and the update fused in one
-  pass. Losses in fp32 under model.eval(); a NaN (or over-clip) loss difference only restores and
-  records nothing. A client uploads G_i[j] = Σ g over the steps that drew seed j: exactly S pairs
-  for S distinct seeds, `seed_index` (int16 when K ≤ 32768, else int32) + `scalar_grad` (float32).
+- Client: catches up to the instruction's version, then takes τ two-point steps (algorithms.md
+  §3.3) on seeds drawn uniformly, or by FedKSeed-Pro's π when the instruction carries its levels,
+  and uploads G_i[j] = Σ g over the steps that drew seed j: exactly S pairs for S distinct seeds,
+  `seed_index` (int16 when K ≤ 32768, else int32) + `scalar_grad` (float32).
 - Server (§3.4): ΔG_v = Σ_i p_i G_i with p_i ∝ n_i (float64 via `weighted_mean`, client-id order,
-  sent as float32). Version v of the global model is w_v = w_{v−1} − η Σ_j ΔG_v[j] z(s_j), seeds in
-  ascending index order. Every party applying the same versions to the same bits gets the same
-  bits; by linearity (constant η, weight decay 0: anything else is rejected) w_v is the p-weighted
-  average of the clients' end-of-round models up to float rounding.
+  sent as float32) becomes version v of the history. The server keeps that history, not the model.
 - Downlink (§3.5): the catch-up log, i.e. each version's ΔG since the client's last accepted
-  update (or since w_0 for a new client; w_0 is the pretrained model every client has), which the
-  client replays on its own copy. The server computes both candidates' bytes on the wire, the log's
-  (pairs × (index bytes + 4) + 4 per version) and the checkpoint's (Σ numel × 4 over the trained
-  parameters), each plus its tensors' names and about 32 bytes of protobuf framing per tensor, and sends the
-  checkpoint instead of the log only when it is smaller. For a real LLM that never happens (a
-  7B checkpoint is 28 GB, a version ≤ 16 KB); for tiny models it does after some rounds. Each version carries a chained digest, so a model that holds
-  another history is detected, never silently extended. FedKSeed-Pro (§3.6) adds the K min-max
-  normalised amplitudes quantised to uint8 levels (4 KB for K = 4096, not 16 KB of float32 π);
-  clients take the softmax themselves, and the rounding moves any π_j by a factor of at most e^(1/255).
-  The server's amplitude history records each uploaded scalar, i.e. one client's sum over the
-  steps that drew that seed in a round (the reference records every step; the same when a seed is
-  drawn at most once per client and round, the usual case for τ ≪ K).
+  update (or since w_0 for a new client), which the client replays on its own copy. The server
+  computes both candidates' bytes on the wire, the log's (pairs × (index bytes + 4) + 4 per version)
+  and the checkpoint's (Σ numel × 4 over the trained parameters), each plus its tensors' names and
+  about 32 bytes of protobuf framing per tensor, and sends the checkpoint instead of the log only
+  when it is smaller. For a real LLM that never happens (a 7B checkpoint is 28 GB, a version
+  ≤ 16 KB); for tiny models it does after some rounds. FedKSeed-Pro (§3.6) adds the K amplitude
+  levels. The server's amplitude history records each uploaded scalar, i.e. one client's sum over
+  the steps that drew that seed in a round (the reference records every step; the same when a seed
+  is drawn at most once per client and round, the usual case for τ ≪ K).
 - One workspace per process (fedsim shares it between the server and every virtual client): it
   knows which version its model holds, and keeps one snapshot of that version while local steps
   run, so any client, or the server, gets the exact synced model back. Memory is at most two
@@ -46,17 +31,13 @@ Every floating-point parameter of the plain transformers model is trained (no pe
 from __future__ import annotations
 
 import hashlib
-import math
-import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import Field
-from torch import nn
 
 from fedtune.strategies.api import (
     ClientStrategy,
@@ -67,12 +48,33 @@ from fedtune.strategies.api import (
     InvalidUpdate,
     RunContext,
     ServerStrategy,
+    Setting,
     StrategyConfig,
     StrategyDefinition,
     TensorMap,
     TensorSpec,
     hash_seed,
     weighted_mean,
+)
+from fedtune.strategies.fedkseed_history import (
+    GENESIS,
+    LOG_FRAMING,
+    TENSOR_FRAMING,
+    RoundDelta,
+    Version,
+    decode_log,
+    encode_log,
+    index_dtype,
+    versions_along,
+)
+from fedtune.strategies.fedkseed_kernels import (
+    NamedParameters,
+    amplitude_levels,
+    batch_loss,
+    perturb,
+    seed_pool,
+    seed_probabilities,
+    zeroth_order_step,
 )
 from fedtune.strategies.registry import register
 from fedtune.tasks.config import TrainConfig
@@ -82,16 +84,7 @@ from fedtune.tasks.models import ModelBundle, load_model
 SEED_INDEX = "seed_index"
 SCALAR_GRAD = "scalar_grad"
 SEED_LEVEL = "seed_level"
-PRO_LEVELS = 255
-LOG_SIZES = "log_sizes"
-LOG_INDEX = "log_seed_index"
-LOG_VALUE = "log_value"
 CHECKPOINT_PREFIX = "checkpoint/"
-TENSOR_FRAMING = 32  # a tensor's protobuf framing besides its name (tags, lengths, dtype, shape), about
-GENESIS_DIGEST = "0" * 16
-PERTURBATION_CHUNK = 1 << 20  # values per z stream: part of z's definition, never tied to a thread count
-
-NamedParameters = list[tuple[str, nn.Parameter]]
 
 
 class FedKSeedConfig(StrategyConfig):
@@ -117,161 +110,17 @@ def check_replay_linear(train: TrainConfig) -> None:
         )
 
 
-def seed_pool(run_seed: int, size: int) -> list[int]:
-    """The K candidate seeds, the same for every party of a run."""
-    pool = [hash_seed(run_seed, "fedkseed-pool", k) for k in range(size)]
-    if len(set(pool)) != size:
-        raise ValueError(f"seed_pool_size: {size} seeds from run seed {run_seed} collide")
-    return pool
-
-
-def index_dtype(pool_size: int) -> torch.dtype:
-    return torch.int16 if pool_size <= 2**15 else torch.int32
-
-
-def chunk_noise(seed: int, parameter_index: int, chunk_index: int, size: int) -> torch.Tensor:
-    """One chunk of z(seed): standard normal float32 from its own CPU mt19937 stream."""
-    generator = torch.Generator(device="cpu").manual_seed(hash_seed(seed, parameter_index, chunk_index))
-    return torch.randn(size, generator=generator, dtype=torch.float32)
-
-
-def chunk_bounds(numel: int) -> list[tuple[int, int]]:
-    return [(start, min(start + PERTURBATION_CHUNK, numel)) for start in range(0, numel, PERTURBATION_CHUNK)]
-
-
-def perturbation(parameters: NamedParameters, seed: int) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
-    """z(seed) one whole parameter at a time (for checks; `perturb` works chunk by chunk)."""
-    for index, (_, parameter) in enumerate(parameters):
-        chunks = [chunk_noise(seed, index, chunk, stop - start)
-                  for chunk, (start, stop) in enumerate(chunk_bounds(parameter.numel()))]
-        yield parameter, torch.cat(chunks).view(parameter.shape)
-
-
-_pools: dict[int, ThreadPoolExecutor] = {}  # by thread count, which follows torch.set_num_threads
-
-
-def _perturbation_pool(threads: int) -> ThreadPoolExecutor:
-    if threads not in _pools:
-        _pools[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fedkseed-z")
-    return _pools[threads]
-
-
-def _forget_pool_after_fork() -> None:
-    """A forked child (a fedsim worker) inherits the pool objects but not their threads."""
-    _pools.clear()
-
-
-os.register_at_fork(after_in_child=_forget_pool_after_fork)
-
-
-@torch.no_grad()
-def perturb(parameters: NamedParameters, seed: int, scale: float) -> None:
-    """w ← w + scale·z(seed), in place, chunks spread over torch's thread count."""
-    chunks = [(parameter, index, chunk, start, stop)
-              for index, (_, parameter) in enumerate(parameters)
-              for chunk, (start, stop) in enumerate(chunk_bounds(parameter.numel()))]
-
-    def add_chunk(task: tuple[nn.Parameter, int, int, int, int]) -> None:
-        parameter, index, chunk, start, stop = task
-        z = chunk_noise(seed, index, chunk, stop - start)
-        parameter.view(-1)[start:stop].add_(z.to(device=parameter.device, dtype=parameter.dtype), alpha=scale)
-
-    threads = torch.get_num_threads()
-    if threads == 1 or sum(stop - start for *_, start, stop in chunks) < 2 * PERTURBATION_CHUNK:  # small models:
-        for task in chunks:  # the thread hand-off would cost more than it saves
-            add_chunk(task)
-    else:
-        list(_perturbation_pool(threads).map(add_chunk, chunks))
-
-
-@dataclass(frozen=True)
-class ZerothOrderStep:
-    scalar_grad: float
-    loss: float
-
-
-def zeroth_order_step(
-    parameters: NamedParameters,
-    seed: int,
-    eps: float,
-    learning_rate: float,
-    loss_fn: Callable[[], float],
-    loss_diff_clip: float | None = None,
-) -> ZerothOrderStep | None:
-    """One two-point step (algorithms.md §3.3 steps 2-7); None (weights restored) when skipped."""
-    perturb(parameters, seed, eps)
-    loss_plus = loss_fn()
-    perturb(parameters, seed, -2 * eps)
-    loss_minus = loss_fn()
-    difference = loss_plus - loss_minus
-    if not math.isfinite(difference) or (loss_diff_clip is not None and abs(difference) > loss_diff_clip):
-        perturb(parameters, seed, eps)
-        return None
-    scalar_grad = difference / (2 * eps)
-    perturb(parameters, seed, eps - learning_rate * scalar_grad)
-    return ZerothOrderStep(scalar_grad=scalar_grad, loss=(loss_plus + loss_minus) / 2)
-
-
-@torch.no_grad()
-def batch_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> float:
-    return float(model(**batch).loss.float())
-
-
-def amplitude_levels(amplitudes: torch.Tensor) -> torch.Tensor:
-    """FedKSeed-Pro's min-max normalised mean |g| (algorithms.md §3.6), as uint8 levels 0..255."""
-    amplitudes = amplitudes.to(torch.float64)
-    normalised = (amplitudes - amplitudes.min()) / (amplitudes.max() - amplitudes.min() + 1e-10)
-    return torch.round(normalised * PRO_LEVELS).to(torch.uint8)
-
-
-def seed_probabilities(levels: torch.Tensor) -> torch.Tensor:
-    """π = softmax(levels / 255) in float64; the normalised values lie in [0, 1], so max π / min π ≤ e."""
-    return torch.softmax(levels.to(torch.float64) / PRO_LEVELS, dim=0)
-
-
-@dataclass(frozen=True)
-class Version:
-    """Which global model a copy holds: the number of aggregations applied and their chained digest."""
-
-    number: int
-    digest: str
-
-
-GENESIS = Version(0, GENESIS_DIGEST)
-
-
-@dataclass(frozen=True)
-class RoundDelta:
-    """One aggregation's ΔG: ascending unique seed indices (int64) and their float32 scalars."""
-
-    seed_index: torch.Tensor
-    value: torch.Tensor
-
-    def next_version(self, previous: Version) -> Version:
-        hasher = hashlib.sha256(previous.digest.encode())
-        hasher.update(self.seed_index.to(torch.int64).numpy().tobytes())
-        hasher.update(self.value.to(torch.float32).numpy().tobytes())
-        return Version(previous.number + 1, hasher.hexdigest()[:16])
-
-    def payload_bytes(self, index_bytes: int) -> int:
-        """Its share of an encoded log: index + float32 per pair, and its int32 entry in the sizes."""
-        return self.seed_index.numel() * (index_bytes + 4) + 4
-
-
-def versions_along(base: Version, log: Sequence[RoundDelta]) -> list[Version]:
-    """base, then the version after each delta of the log."""
-    chain = [base]
-    for delta in log:
-        chain.append(delta.next_version(chain[-1]))
-    return chain
-
-
 class SeedWorkspace:
     """The plain model in one process, the version it holds, and the snapshot kept during local steps.
 
     `model` holds the synced version unless a client is mid-way through (or finished) local steps;
     then `_snapshot` holds it and `restore` copies it back. Parameters keep requires_grad False:
     zeroth-order training never builds an autograd graph.
+
+    It lives with the strategy, not the history: it is the strategy's Workspace, built from its
+    config and run context and shared by both halves, and the one place where the history meets
+    the kernels (a replay perturbs the model along each ΔG) and where the client's local steps and
+    the server's checkpoints touch the model. The history stays plain data, the kernels plain math.
     """
 
     def __init__(self, bundle: ModelBundle, config: FedKSeedConfig, context: RunContext):
@@ -304,7 +153,8 @@ class SeedWorkspace:
     def checkpoint_bytes(self) -> int:
         """Wire bytes of `checkpoint()`: float32 payload plus each tensor's name and framing."""
         return sum(
-            parameter.numel() * 4 + len(CHECKPOINT_PREFIX + name) + TENSOR_FRAMING for name, parameter in self.parameters
+            parameter.numel() * 4 + len(CHECKPOINT_PREFIX + name) + TENSOR_FRAMING
+            for name, parameter in self.parameters
         )
 
     @torch.no_grad()
@@ -386,9 +236,10 @@ class SeedWorkspace:
         self.restore()
         expected = {CHECKPOINT_PREFIX + name: parameter for name, parameter in self.parameters}
         if set(tensors) != set(expected):
+            missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
             raise InvalidInstruction(
-                f"checkpoint: tensor names differ from this model's (missing {sorted(set(expected) - set(tensors))[:3]}, "
-                f"unexpected {sorted(set(tensors) - set(expected))[:3]})"
+                f"checkpoint: tensor names differ from this model's "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
         for name, parameter in expected.items():
             if tensors[name].shape != parameter.shape:
@@ -404,41 +255,7 @@ class SeedWorkspace:
         self.tokenizer.save_pretrained(str(directory))
 
 
-LOG_FRAMING = len(LOG_SIZES + LOG_INDEX + LOG_VALUE) + 3 * TENSOR_FRAMING
-
-
-def encode_log(log: Sequence[RoundDelta], pool_size: int) -> TensorMap:
-    dtype = index_dtype(pool_size)
-    return {
-        LOG_SIZES: torch.tensor([delta.seed_index.numel() for delta in log], dtype=torch.int32),
-        LOG_INDEX: torch.cat([delta.seed_index for delta in log]).to(dtype) if log else torch.zeros(0, dtype=dtype),
-        LOG_VALUE: torch.cat([delta.value for delta in log]) if log else torch.zeros(0, dtype=torch.float32),
-    }
-
-
-def decode_log(tensors: TensorMap, pool_size: int) -> list[RoundDelta]:
-    """The instruction's catch-up log, checked: names, dtypes, sizes and index range."""
-    specs = {
-        LOG_SIZES: TensorSpec(shape=(None,), dtype=torch.int32),
-        LOG_INDEX: TensorSpec(shape=(None,), dtype=index_dtype(pool_size)),
-        LOG_VALUE: TensorSpec(shape=(None,), dtype=torch.float32),
-    }
-    for name, spec in specs.items():
-        tensor = tensors.get(name)
-        if tensor is None or tensor.dtype != spec.dtype or tensor.dim() != 1:
-            raise InvalidInstruction(f"tensor {name!r}: expected a 1-D {spec.dtype} tensor")
-    sizes, index, value = tensors[LOG_SIZES], tensors[LOG_INDEX].to(torch.int64), tensors[LOG_VALUE]
-    if (sizes < 0).any() or int(sizes.sum()) != index.numel() or index.numel() != value.numel():
-        raise InvalidInstruction(f"tensor {LOG_SIZES!r}: sizes do not match {LOG_INDEX!r} and {LOG_VALUE!r}")
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= pool_size):
-        raise InvalidInstruction(f"tensor {LOG_INDEX!r}: an index is outside [0, {pool_size})")
-    if not bool(torch.isfinite(value).all()):
-        raise InvalidInstruction(f"tensor {LOG_VALUE!r} holds NaN or Inf")
-    pieces = zip(index.split(sizes.tolist()), value.split(sizes.tolist()), strict=False)
-    return [RoundDelta(seed_index=i, value=v) for i, v in pieces]
-
-
-class FedKSeedServer(ServerStrategy[FedKSeedConfig]):
+class FedKSeedServer(ServerStrategy[FedKSeedConfig, SeedWorkspace]):
     """Keeps the ΔG history (not the model), each client's synced version and Pro's amplitudes."""
 
     def __init__(self, config: FedKSeedConfig, context: RunContext):
@@ -462,7 +279,7 @@ class FedKSeedServer(ServerStrategy[FedKSeedConfig]):
         base = self.synced.get(client_id, 0)
         log = self.history[base:]
         target = self._chain[-1]
-        settings = {
+        settings: dict[str, Setting] = {
             "base_version": base,
             "base_digest": self._chain[base].digest,
             "target_version": target.number,
@@ -547,7 +364,7 @@ class FedKSeedServer(ServerStrategy[FedKSeedConfig]):
         self.amplitude_count = state["amplitude_count"].clone()
 
 
-class FedKSeedClient(ClientStrategy[FedKSeedConfig]):
+class FedKSeedClient(ClientStrategy[FedKSeedConfig, SeedWorkspace]):
     """Catches up by replay (or a checkpoint), runs τ zeroth-order steps, uploads (index, scalar) pairs.
 
     Holds no state: which version a model holds is the workspace's business (one per process).
@@ -578,7 +395,9 @@ class FedKSeedClient(ClientStrategy[FedKSeedConfig]):
         if levels is None:
             return torch.randint(0, size, (steps,), generator=generator).tolist()
         if levels.shape != (size,) or levels.dtype != torch.uint8:
-            raise InvalidInstruction(f"tensor {SEED_LEVEL!r}: expected {size} uint8 levels, got {levels.dtype} {tuple(levels.shape)}")
+            raise InvalidInstruction(
+                f"tensor {SEED_LEVEL!r}: expected {size} uint8 levels, got {levels.dtype} {tuple(levels.shape)}"
+            )
         return torch.multinomial(seed_probabilities(levels), steps, replacement=True, generator=generator).tolist()
 
     def fit(self, workspace: SeedWorkspace, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
@@ -592,7 +411,7 @@ class FedKSeedClient(ClientStrategy[FedKSeedConfig]):
         for index, batch in zip(indices, batches, strict=False):
             step = zeroth_order_step(
                 workspace.parameters, workspace.pool[index], self.config.eps, train.learning_rate,
-                lambda: batch_loss(workspace.model, batch), self.config.loss_diff_clip,
+                partial(batch_loss, workspace.model, batch), self.config.loss_diff_clip,
             )
             if step is not None:
                 accumulated[index] = accumulated.get(index, 0.0) + step.scalar_grad

@@ -11,6 +11,8 @@ import torch
 
 from fedtune.strategies.codecs import (
     CODEC_IDS,
+    CODECS,
+    SUPPORTED_CODECS,
     CodecError,
     CodecParams,
     decode,
@@ -40,6 +42,37 @@ def block_scales(x: torch.Tensor, block: int, q_max: int) -> torch.Tensor:
     block = block or flat.numel()
     blocks = flat.split(block)
     return torch.cat([torch.full_like(b, float(b.abs().max()) / q_max) for b in blocks])
+
+
+# --- every registered codec ------------------------------------------------------------------------
+
+def test_the_codec_table_has_unique_names_and_wire_ids_that_fit_the_header():
+    wire_ids = [codec.wire_id for codec in CODECS.values()]
+    assert len(set(wire_ids)) == len(wire_ids) and all(0 < wire_id < 256 for wire_id in wire_ids)
+    assert all(name == codec.name for name, codec in CODECS.items())
+    assert SUPPORTED_CODECS == ("none", *CODECS)
+
+
+def header_param(blob: torch.Tensor, ndim: int) -> int:
+    return struct.unpack_from("<I", blob.numpy().tobytes(), 8 + 4 * ndim)[0]
+
+
+@pytest.mark.parametrize("codec", list(CODECS.values()), ids=list(CODECS))
+@pytest.mark.parametrize("shape", [(0,), (1,), (5,), (37, 29), (70000,)])
+def test_every_codec_round_trips_and_states_its_exact_size(codec, shape):
+    """Zeros and signs times one scale are values every codec holds exactly (ternary's are no more);
+    random values come back in their shape and dtype; `encoded_size` is each blob's length."""
+    generator = torch.Generator().manual_seed(len(shape))
+    signs = torch.randint(-1, 2, shape, generator=generator).to(torch.float32) * 0.5
+    keep_all = CodecParams(density=1.0)
+    assert torch.equal(decode(encode(codec.name, signs, keep_all)), signs)
+    noise = torch.randn(shape, generator=generator, dtype=torch.float64)
+    for x, params in [(signs, keep_all), (noise, CodecParams()), (noise, CodecParams(block_size=0, density=0.5))]:
+        blob = encode(codec.name, x, params)
+        assert int(blob[1]) == codec.wire_id
+        assert blob.numel() == codec.encoded_size(shape, header_param(blob, len(shape)))
+        decoded = decode(blob)
+        assert decoded.shape == x.shape and decoded.dtype == x.dtype and bool(torch.isfinite(decoded).all())
 
 
 # --- 16-bit floats ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from fedtune.fedserver.engine import RoundEngine
 from fedtune.fedserver.metrics import MetricsLog
@@ -74,6 +75,15 @@ def test_codec_is_chosen_by_client_then_compute_class_then_default_within_the_pr
     assert chosen == {"c0": "int8", "c1": "topk_ternary", "c2": "int8", "c3": "fp16", "c4": "none",
                       "never-registered": "none"}
     assert server.instruction(1, "c1").settings["compression.codec"] == "topk_ternary"
+
+
+def test_config_takes_codec_names_from_the_codec_table():
+    config = Config(codec="topk_ternary", by_client={"c": "int4"}, fallback=("fp16", "none"), downlink="int8")
+    assert config.codec == "topk_ternary" and config.downlink == "int8"
+    with pytest.raises(ValidationError, match="by_client.c"):
+        Config(by_client={"c": "int3"})
+    with pytest.raises(ValidationError, match="downlink"):
+        Config(downlink="topk")  # sparse: without error feedback the global model would lose its small values
 
 
 def test_downlink_codec_is_used_only_for_clients_that_list_it(federation):

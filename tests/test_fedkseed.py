@@ -18,23 +18,21 @@ from fedtune.simulations.runner import build_federation, run_simulation
 from fedtune.strategies.api import ClientUpdate, InvalidInstruction, InvalidUpdate, RunContext
 from fedtune.strategies.fedkseed import (
     CHECKPOINT_PREFIX,
-    GENESIS,
-    LOG_INDEX,
-    PERTURBATION_CHUNK,
     SCALAR_GRAD,
     SEED_INDEX,
     SEED_LEVEL,
     FedKSeedClient,
     FedKSeedConfig,
     FedKSeedServer,
-    RoundDelta,
     SeedWorkspace,
+)
+from fedtune.strategies.fedkseed_history import GENESIS, LOG_INDEX, RoundDelta, encode_log, versions_along
+from fedtune.strategies.fedkseed_kernels import (
+    PERTURBATION_CHUNK,
     amplitude_levels,
-    encode_log,
     perturb,
     perturbation,
     seed_probabilities,
-    versions_along,
     zeroth_order_step,
 )
 from fedtune.tasks.builtin import char_tokenizer, ops_examples
@@ -90,7 +88,9 @@ def synthetic_log(versions: int, pairs: int, pool_size: int, seed: int) -> list[
 
 def replayed_digest() -> str:
     """w_0 of the built-in tiny model, then a fixed 3-version history replayed; SHA-256 of the result."""
-    workspace = SeedWorkspace(load_model(ModelConfig(), seed=0), FedKSeedConfig(), context(TrainConfig(learning_rate=1e-3)))
+    workspace = SeedWorkspace(
+        load_model(ModelConfig(), seed=0), FedKSeedConfig(), context(TrainConfig(learning_rate=1e-3))
+    )
     log = synthetic_log(versions=3, pairs=20, pool_size=4096, seed=7)
     workspace.catch_up(GENESIS, log, versions_along(GENESIS, log)[-1])
     return workspace.digest()
@@ -220,7 +220,9 @@ def test_two_point_estimator_is_unbiased_on_a_quadratic():
     """§6.3.7: on f(w) = ½ wᵀHw the mean of g·z over many seeds is Hw, within 3 standard errors."""
     weight = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5, 3.0]), requires_grad=False)
     parameters = [("w", weight)]
-    hessian = torch.tensor([[2.0, 0.5, 0, 0], [0.5, 1.0, 0, 0], [0, 0, 3.0, -1.0], [0, 0, -1.0, 4.0]], dtype=torch.float64)
+    hessian = torch.tensor(
+        [[2.0, 0.5, 0, 0], [0.5, 1.0, 0, 0], [0, 0, 3.0, -1.0], [0, 0, -1.0, 4.0]], dtype=torch.float64
+    )
 
     def quadratic() -> float:
         w = weight.detach().double()
@@ -317,7 +319,9 @@ def good_update(federation):
 )
 def test_malformed_upload_is_rejected_naming_the_field(federation, good_update, index, value, message):
     federation.server.validate_update(good_update, 1)
-    tensors = {SEED_INDEX: torch.tensor(index, dtype=torch.int16), SCALAR_GRAD: torch.tensor(value, dtype=torch.float32)}
+    tensors = {
+        SEED_INDEX: torch.tensor(index, dtype=torch.int16), SCALAR_GRAD: torch.tensor(value, dtype=torch.float32)
+    }
     with pytest.raises(InvalidUpdate, match=message):
         federation.server.validate_update(good_update.model_copy(update={"tensors": tensors}), 1)
 
@@ -354,7 +358,11 @@ def test_pro_server_favours_seeds_with_large_gradients_and_clients_sample_from_p
     ]
     server.aggregate(1, updates)
     levels = server.instruction(2, "client-000").tensors[SEED_LEVEL]
-    pairs = [(abs(float(v)), int(i)) for u in updates for i, v in zip(u.tensors[SEED_INDEX], u.tensors[SCALAR_GRAD], strict=False)]
+    pairs = [
+        (abs(float(v)), int(i))
+        for u in updates
+        for i, v in zip(u.tensors[SEED_INDEX], u.tensors[SCALAR_GRAD], strict=False)
+    ]
     strongest = max(pairs)[1]
     assert int(levels[strongest]) == 255
     assert all(level == 0 for index, level in enumerate(levels.tolist()) if index not in {i for _, i in pairs})
@@ -418,6 +426,8 @@ def test_natural_instructions_task_file_reads_as_rows(tmp_path: Path):
     (tmp_path / "task1393_copa.json").write_text(json.dumps(task))
     rows = load_records(str(tmp_path))
     assert rows == [
-        {"instruction": "Answer with A or B.", "context": "Premise. (A) x (B) y", "response": "A", "category": "task1393_copa"},
-        {"instruction": "Answer with A or B.", "context": "Other. (A) x (B) y", "response": "B", "category": "task1393_copa"},
+        {"instruction": "Answer with A or B.", "context": "Premise. (A) x (B) y", "response": "A",
+         "category": "task1393_copa"},
+        {"instruction": "Answer with A or B.", "context": "Other. (A) x (B) y", "response": "B",
+         "category": "task1393_copa"},
     ]
