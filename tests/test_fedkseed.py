@@ -96,6 +96,7 @@ def replayed_digest() -> str:
     return workspace.digest()
 
 
+@pytest.mark.e2e  # two fresh Python processes
 def test_replay_is_bit_identical_in_two_separate_processes():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = [subprocess.Popen([sys.executable, "-c", REPLAY_SCRIPT], stdout=subprocess.PIPE, text=True, env=env)
