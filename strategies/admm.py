@@ -33,7 +33,7 @@ before every local solve.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 from pydantic import Field, model_validator
@@ -84,7 +84,7 @@ class AdmmConfig(LoraOptions):
         return self
 
 
-class AdmmServer(ServerStrategy[AdmmConfig]):
+class AdmmServer(ServerStrategy[AdmmConfig, LoraWorkspace]):
     """Keeps every client's latest upload; the global adapter is their sample-weighted mean."""
 
     global_tensors: TensorMap
@@ -129,8 +129,14 @@ class AdmmServer(ServerStrategy[AdmmConfig]):
         self.weights = dict(state["weights"])
 
 
-class AdmmClient(ClientStrategy[AdmmConfig]):
-    """Solves the local ADMM subproblem inexactly and uploads θ_k + λ_k/ρ (or θ_k with no dual)."""
+class AdmmClient(ClientStrategy[AdmmConfig, LoraWorkspace]):
+    """Solves the local ADMM subproblem inexactly and uploads θ_k + λ_k/ρ (or θ_k with no dual).
+
+    Not `TrainsLocally`: its local loop does not fit a `LocalTrainer` (model, parameters, data, round).
+    The steps minimise F_k, whose penalty ⟨λ_k, θ − θ̃⟩ + (ρ/2)‖θ − θ̃‖² a replacement trainer would
+    drop, and the upload θ_k + λ_k/ρ adds minibatch gradients taken outside that loop, so DP-SGD in
+    its place would neither solve the ADMM subproblem nor bound what the upload reveals.
+    """
 
     def __init__(self, config: AdmmConfig, context: RunContext, client_id: str):
         super().__init__(config, context, client_id)
@@ -140,9 +146,9 @@ class AdmmClient(ClientStrategy[AdmmConfig]):
 
     def fit(self, workspace: LoraWorkspace, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
         received = _clone(instruction.tensors)
-        warm = self.config.warm_start == "local" and self.local is not None
+        start = self.local if self.config.warm_start == "local" and self.local is not None else received
         with self.seeded(instruction.round):
-            loss = self._local_solve(workspace, self.local if warm else received, received, data, instruction.round)
+            loss = self._local_solve(workspace, start, received, data, instruction.round)
             upload = self._upload(workspace, data, instruction.round)
         self.received = received
         return ClientUpdate(
@@ -238,7 +244,9 @@ def admm_penalty(
     return penalty
 
 
-def minibatch_gradient(model: nn.Module, params: list[nn.Parameter], batches: Iterable[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+def minibatch_gradient(
+    model: nn.Module, params: list[nn.Parameter], batches: Iterable[dict[str, torch.Tensor]]
+) -> list[torch.Tensor]:
     """Mean task-loss gradient over the batches (train mode, like the local steps)."""
     totals = [torch.zeros_like(param) for param in params]
     count = 0
@@ -253,6 +261,10 @@ def minibatch_gradient(model: nn.Module, params: list[nn.Parameter], batches: It
     return [total / max(count, 1) for total in totals]
 
 
+@overload
+def _clone(tensors: Mapping[str, torch.Tensor]) -> TensorMap: ...
+@overload
+def _clone(tensors: None) -> None: ...
 def _clone(tensors: Mapping[str, torch.Tensor] | None) -> TensorMap | None:
     return None if tensors is None else {name: tensor.detach().clone() for name, tensor in tensors.items()}
 

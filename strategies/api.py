@@ -16,8 +16,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from enum import Enum
+from pathlib import Path
 from typing import Any, Generic, Protocol, runtime_checkable
 
 import numpy as np
@@ -178,7 +178,9 @@ class RunContext:
 class Workspace(Protocol):
     """The model a strategy trains and evaluates, built once per process from the frozen base."""
 
-    model: nn.Module
+    @property
+    def model(self) -> nn.Module:
+        """Read-only here so that a workspace may hold a narrower model type (e.g. a PeftModel)."""
 
     def save(self, directory: Path) -> None:
         """Write the current (global) model in the format users load (e.g. PEFT)."""
@@ -341,8 +343,8 @@ class StrategyDefinition:
 
     name: str
     config: type[StrategyConfig]
-    server: Callable[[Any, RunContext], ServerStrategy]
-    client: Callable[[Any, RunContext, str], ClientStrategy]
+    server: Callable[[Any, RunContext], ServerStrategy[Any, Any]]
+    client: Callable[[Any, RunContext, str], ClientStrategy[Any, Any]]
     build_workspace: Callable[[ModelBundle, Any, RunContext], Workspace]
     summary: str = ""
 

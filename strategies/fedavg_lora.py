@@ -4,20 +4,20 @@ Server: broadcast the global adapter; new global = sum_i p_i theta_i with p_i = 
 each tensor separately (algorithms.md §1.2). Note the mean of B and of A is not the mean of the
 clients' B·A products (§1.3); FFA-LoRA removes that discordance.
 Client: load the global adapter, run `train.local_steps` steps with a fresh optimizer (moments
-reset every round, as the reference frameworks do), upload every adapter (+ head) tensor.
+reset every round, as the reference frameworks do), upload every adapter (+ head) tensor. The local
+loop is a declared seam (`TrainsLocally`): sample-level DP puts opacus DP-SGD there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
-
-from torch import nn
 
 from fedtune.strategies.api import (
     ClientStrategy,
     ClientUpdate,
     Instruction,
+    LocalTrainer,
     RunContext,
     ServerStrategy,
     StrategyDefinition,
@@ -36,7 +36,7 @@ class FedAvgLoraConfig(LoraOptions):
     """FedAvg over LoRA: only the LoRA hyperparameters and client sampling."""
 
 
-class FedAvgLoraServer(ServerStrategy[FedAvgLoraConfig]):
+class FedAvgLoraServer(ServerStrategy[FedAvgLoraConfig, LoraWorkspace]):
     """Holds the global adapter; aggregation is the sample-weighted mean in client-id order."""
 
     global_tensors: TensorMap
@@ -71,26 +71,26 @@ class FedAvgLoraServer(ServerStrategy[FedAvgLoraConfig]):
         self.global_tensors = {name: t.clone() for name, t in state["global_tensors"].items()}
 
 
-LocalTrainer = Callable[[nn.Module, list[nn.Parameter], TokenDataset, int], float]
-"""(model, trainable parameters, local data, round) -> mean training loss."""
+class FedAvgLoraClient(ClientStrategy[FedAvgLoraConfig, LoraWorkspace]):
+    """Loads the instruction's tensors, trains exactly those, and sends them back (`TrainsLocally`)."""
 
-
-class FedAvgLoraClient(ClientStrategy[FedAvgLoraConfig]):
-    """Loads the instruction's tensors, trains exactly those, and sends them back."""
-
-    # Replaces the plain local loop when set (strategies.dp puts opacus DP-SGD here).
     local_trainer: LocalTrainer | None = None
+    """Replaces the plain local loop when set, through `use_local_trainer`."""
+
+    def use_local_trainer(self, trainer: LocalTrainer) -> None:
+        self.local_trainer = trainer
 
     def fit(self, workspace: LoraWorkspace, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
         workspace.set_tensors(instruction.tensors)
         names = list(instruction.tensors)
-        train = self.context.train
-        with self.seeded(instruction.round):
+        train, round = self.context.train, instruction.round
+        params = workspace.parameters_for(names)
+        with self.seeded(round):
             if self.local_trainer is not None:
-                loss = self.local_trainer(workspace.model, workspace.parameters_for(names), data, instruction.round)
+                loss = self.local_trainer(workspace.model, params, data, round)
             else:
-                batches = data.train_batches(train.local_steps, train.batch_size, self.batch_generator(instruction.round))
-                loss = train_steps(workspace.model, workspace.parameters_for(names), batches, train)
+                batches = data.train_batches(train.local_steps, train.batch_size, self.batch_generator(round))
+                loss = train_steps(workspace.model, params, batches, train)
         return ClientUpdate(
             client_id=self.client_id,
             round=instruction.round,

@@ -9,6 +9,9 @@ modules. Every instruction carries the SHA-256 of A so a client with a different
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from fedtune.strategies.api import (
     ClientUpdate,
     Instruction,
@@ -48,10 +51,10 @@ class FfaLoraServer(FedAvgLoraServer):
     def instruction(self, round: int, client_id: str) -> Instruction:
         return Instruction(round=round, tensors=self.global_tensors, settings={A_DIGEST: self.a_digest})
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), A_DIGEST: self.a_digest}
 
-    def load_state_dict(self, state) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.a_digest = state[A_DIGEST]
 

@@ -44,7 +44,8 @@ class LoraWorkspace:
         peft_config = LoraConfig(
             task_type=task_type,
             r=options.rank,
-            lora_alpha=options.alpha,
+            # peft annotates lora_alpha as int, but scales by alpha / r in float: a fractional alpha works.
+            lora_alpha=options.alpha,  # type: ignore[arg-type]
             lora_dropout=options.dropout,
             target_modules=options.target_modules,
         )

@@ -1,8 +1,17 @@
 """Base classes for update transforms (DP, compression) that wrap another strategy's halves.
 
-A wrapper holds the inner half and delegates every hook; a concrete wrapper overrides only what it
-changes (e.g. the client clips after `fit`, the server adds noise after `aggregate`). The wrapped
-definition keeps the inner strategy's config and workspace.
+A wrapper holds the inner half and forwards every hook of the API to it; a concrete wrapper
+overrides only what it changes (e.g. the client clips after `fit`, the server adds noise after
+`aggregate`). The wrapped definition keeps the inner strategy's config and workspace, so the bases
+are generic over them. `ClientStrategy.batch_generator` and `seeded` are not hooks but helpers a
+half calls on itself, keyed on its own client id, which the wrapper shares with its inner half.
+
+Seams (`api.HoldsGlobalTensors`, `api.TrainsLocally`) are not forwarded: a wrapper uses those of the
+half it wraps directly, and does not pass them on, because it may change exactly what they promise
+(compression sends `<name>|enc` blobs, not the global tensors' names; sample-level DP has taken the
+local loop). DP, the one wrapper that needs seams, is applied innermost (`registry.WRAPPER_MODULES`),
+so it always sees the strategy itself; a wrapper that is ever placed inside it must declare the
+seams it keeps, with a method or property of its own.
 """
 
 from __future__ import annotations
@@ -11,25 +20,26 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fedtune.strategies.api import (
+    C,
     ClientStrategy,
     ClientUpdate,
     DeviceProfile,
     Instruction,
     ServerStrategy,
     TensorSpec,
-    Workspace,
+    W,
 )
 from fedtune.tasks.data import TokenDataset
 
 
-class ServerWrapper(ServerStrategy):
-    """Delegates every server hook to `inner`; state is saved under 'inner' plus the wrapper's own."""
+class ServerWrapper(ServerStrategy[C, W]):
+    """Forwards every server hook to `inner`; state is saved under 'inner' plus the wrapper's own."""
 
-    def __init__(self, inner: ServerStrategy):
+    def __init__(self, inner: ServerStrategy[C, W]):
         super().__init__(inner.config, inner.context)
         self.inner = inner
 
-    def initialize(self, workspace: Workspace) -> None:
+    def initialize(self, workspace: W) -> None:
         self.inner.initialize(workspace)
 
     def sample_clients(self, round: int, available: Sequence[str]) -> list[str]:
@@ -47,7 +57,7 @@ class ServerWrapper(ServerStrategy):
     def aggregate(self, round: int, updates: Sequence[ClientUpdate]) -> None:
         self.inner.aggregate(round, updates)
 
-    def load_global_into(self, workspace: Workspace) -> None:
+    def load_global_into(self, workspace: W) -> None:
         self.inner.load_global_into(workspace)
 
     def on_client_registered(self, client_id: str, profile: DeviceProfile) -> None:
@@ -66,17 +76,17 @@ class ServerWrapper(ServerStrategy):
         self.inner.load_state_dict(state["inner"])
 
 
-class ClientWrapper(ClientStrategy):
-    """Delegates `fit` and state to `inner`."""
+class ClientWrapper(ClientStrategy[C, W]):
+    """Forwards every client hook to `inner`; state is saved under 'inner' plus the wrapper's own."""
 
-    def __init__(self, inner: ClientStrategy):
+    def __init__(self, inner: ClientStrategy[C, W]):
         super().__init__(inner.config, inner.context, inner.client_id)
         self.inner = inner
 
-    def fit(self, workspace: Workspace, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
+    def fit(self, workspace: W, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
         return self.inner.fit(workspace, instruction, data)
 
-    def idle(self, workspace: Workspace, round: int, data: TokenDataset) -> None:
+    def idle(self, workspace: W, round: int, data: TokenDataset) -> None:
         self.inner.idle(workspace, round, data)
 
     def state_dict(self) -> dict[str, Any]:

@@ -29,7 +29,9 @@ def relative_msd(trace) -> np.ndarray:
 def steady_state(settings: WlsSettings, seeds=range(5)) -> float:
     """Mean MSD over the last 20% of the iterations and over seeds (§6.4.4)."""
     tail = settings.iterations // 5
-    return float(np.mean([simulate(PROBLEM, settings.model_copy(update={"seed": s})).msd[-tail:].mean() for s in seeds]))
+    return float(np.mean([
+        simulate(PROBLEM, settings.model_copy(update={"seed": s})).msd[-tail:].mean() for s in seeds
+    ]))
 
 
 # --- WLS reconstruction ---------------------------------------------------------------------------
@@ -48,7 +50,9 @@ def test_random_scheduling_converges_and_continual_updates_converge_faster():
     iterations (≈ 2× in algorithms.md's reconstruction), and are ahead at a fixed budget."""
     for seed in range(3):
         plain = simulate(PROBLEM, WlsSettings(rho=10, selection_prob=0.3, iterations=1000, seed=seed))
-        continual = simulate(PROBLEM, WlsSettings(rho=10, selection_prob=0.3, iterations=1000, seed=seed, continual=True))
+        continual = simulate(
+            PROBLEM, WlsSettings(rho=10, selection_prob=0.3, iterations=1000, seed=seed, continual=True)
+        )
         plain_n, continual_n = iterations_to(plain, PROBLEM, 1e-8), iterations_to(continual, PROBLEM, 1e-8)
         assert plain_n is not None and continual_n is not None
         assert continual_n < 0.8 * plain_n
@@ -60,7 +64,9 @@ def test_dual_elimination_identity(continual):
     """§6.4.3: the explicit-dual form (primal and dual steps on the same received model) and the
     dual-free form give the same iterates, and λ_k == p_k − R_k w_k at every iteration, with
     link noise and random scheduling on (the noise cancels out of the dual exactly)."""
-    common = dict(rho=10, selection_prob=0.5, downlink_std=0.1, uplink_std=0.1, iterations=60, seed=3, continual=continual)
+    common = dict(
+        rho=10, selection_prob=0.5, downlink_std=0.1, uplink_std=0.1, iterations=60, seed=3, continual=continual
+    )
     explicit = simulate(PROBLEM, WlsSettings(algorithm="noise_robust_explicit_dual", **common), record=True)
     eliminated = simulate(PROBLEM, WlsSettings(algorithm="noise_robust", **common), record=True)
     for n in range(common["iterations"]):
@@ -235,7 +241,11 @@ def test_client_and_server_state_survive_a_state_dict_round_trip(tmp_path, dual)
 
 @pytest.mark.parametrize(
     "options, named",
-    [({"rho": 0.0}, "rho"), ({"continual": True, "warm_start": "global"}, "continual"), ({"dual": "both"}, "options.dual")],
+    [
+        ({"rho": 0.0}, "rho"),
+        ({"continual": True, "warm_start": "global"}, "continual"),
+        ({"dual": "both"}, "options.dual"),
+    ],
 )
 def test_bad_admm_options_name_the_field(options, named):
     with pytest.raises(ValidationError, match=named):

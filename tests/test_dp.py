@@ -19,6 +19,7 @@ from fedtune.fedserver.engine import RoundEngine
 from fedtune.fedserver.metrics import MetricsLog
 from fedtune.simulations.runner import Federation, build_federation, run_round, run_simulation
 from fedtune.strategies.api import (
+    ClientRetired,
     ClientStrategy,
     ClientUpdate,
     InvalidUpdate,
@@ -26,16 +27,8 @@ from fedtune.strategies.api import (
     ServerStrategy,
     StrategyDefinition,
 )
-from fedtune.strategies.dp import (
-    CLIPPING_NORM,
-    UNCLIPPED,
-    ClientRetired,
-    Config,
-    clip_update,
-    epsilon_of,
-    update_delta,
-    wrap,
-)
+from fedtune.strategies.dp import Config, epsilon_of, wrap
+from fedtune.strategies.dp_client import CLIPPING_NORM, UNCLIPPED, clip_update, update_delta
 from fedtune.strategies.ffa_lora import frozen_names
 from fedtune.strategies.registry import get_strategy, resolve
 from fedtune.tasks.evaluation import evaluate
@@ -157,7 +150,8 @@ def test_every_update_reaching_aggregation_has_norm_at_most_c(strategy):
         raw = inner_client.fit(federation.workspace, instruction, federation.data.clients[client_id])
         raw_norm = clip_update(update_delta(raw.tensors, instruction.tensors), math.inf)[1]
         assert raw_norm > 10 * clipping_norm
-        update = federation.clients[client_id].fit(federation.workspace, instruction, federation.data.clients[client_id])
+        data = federation.data.clients[client_id]
+        update = federation.clients[client_id].fit(federation.workspace, instruction, data)
         sent_norm = clip_update(update_delta(update.tensors, instruction.tensors), math.inf)[1]
         assert sent_norm <= clipping_norm * (1 + 1e-6)
         assert sent_norm == pytest.approx(clipping_norm, rel=1e-4)
@@ -223,7 +217,8 @@ def test_without_clipping_and_noise_the_wrapper_is_the_identity(tmp_path):
     results = []
     for label, dp in (("plain", None), ("dp", {})):
         federation = federation_with(dp, 2, train={"local_steps": 2})
-        engine = RoundEngine(federation.server, federation.workspace, federation.data.eval, 64, MetricsLog(tmp_path / label))
+        engine = RoundEngine(federation.server, federation.workspace, federation.data.eval, 64,
+                             MetricsLog(tmp_path / label))
         losses = [run_round(federation, engine, round).eval_loss for round in (1, 2)]
         federation.server.load_global_into(federation.workspace)
         results.append((federation.workspace.get_tensors(federation.workspace.wire_names), losses))
@@ -396,7 +391,8 @@ def test_dp_sgd_leaves_the_shared_workspace_clean():
     hooks = workspace_hooks(federation)
     attributes = [dict(vars(p)) for p in workspace.model.parameters()]
     for client_id in federation.clients:
-        federation.clients[client_id].fit(workspace, server.instruction(1, client_id), federation.data.clients[client_id])
+        data = federation.data.clients[client_id]
+        federation.clients[client_id].fit(workspace, server.instruction(1, client_id), data)
         assert workspace_hooks(federation) == hooks
         assert [dict(vars(p)) for p in workspace.model.parameters()] == attributes, "opacus state left behind"
         assert all(p.grad is None for p in workspace.model.parameters())

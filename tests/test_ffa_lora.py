@@ -65,9 +65,9 @@ def delta_w(federation, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def test_aggregating_b_is_exactly_the_mean_of_client_updates():
     federation = build_federation(tiny_config(strategy="ffa_lora"))
+    server, workspace, data = federation.server, federation.workspace, federation.data.clients
     updates = [
-        federation.clients[cid].fit(federation.workspace, federation.server.instruction(1, cid), federation.data.clients[cid])
-        for cid in federation.clients
+        client.fit(workspace, server.instruction(1, cid), data[cid]) for cid, client in federation.clients.items()
     ]
     federation.server.aggregate(1, updates)
     total = sum(u.num_examples for u in updates)
