@@ -81,9 +81,9 @@ def main() -> None:
             history = run_simulation(run_config, Path(out), show_progress=False)
         seconds = time.perf_counter() - started
         traffic = sum(m.bytes_up + m.bytes_down for m in history) / 1e6
+        best = max(m.eval_accuracy for m in history)
         print(f"{label:42} {history[0].eval_accuracy:7.3f} {history[-1].eval_accuracy:9.3f} "
-              f"{max(m.eval_accuracy for m in history):8.3f} {history[-1].eval_loss:10.4f} {traffic:10.1f} {seconds:6.0f}",
-              flush=True)
+              f"{best:8.3f} {history[-1].eval_loss:10.4f} {traffic:10.1f} {seconds:6.0f}", flush=True)
         rows += [{"run": label, "round": m.round, "eval_accuracy": m.eval_accuracy, "eval_loss": m.eval_loss,
                   "train_loss": m.train_loss, "clients": m.clients} for m in history]
     results = HERE / "results"

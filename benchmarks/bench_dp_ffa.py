@@ -122,7 +122,8 @@ def main() -> None:
     for epsilon in epsilons:
         lora, ffa = (next(r for r in results if r["strategy"] == s and r["epsilon_target"] == epsilon)
                      for s in STRATEGIES)
-        spent = "—" if epsilon is None else f"{lora['largest_client_epsilon']:.3f} / {ffa['largest_client_epsilon']:.3f}"
+        spent = ("—" if epsilon is None
+                 else f"{lora['largest_client_epsilon']:.3f} / {ffa['largest_client_epsilon']:.3f}")
         label = "no DP" if epsilon is None else f"{epsilon:g}"
         print(f"| {label} | {lora['accuracy']:.3f} | {ffa['accuracy']:.3f} | {ffa['accuracy'] - lora['accuracy']:+.3f} "
               f"| {spent} |")
