@@ -6,7 +6,7 @@ DERIVED FROM arXiv:2409.13451's DESCRIPTION, NOT ITS EQUATIONS (the full text wa
 What is the paper's: the WLS problem over a federated network with random client scheduling and
 additive link noise; eliminating the dual variable so a scheduled client uses ONE noisy copy of
 the global model per iteration instead of two; unscheduled clients continuing local updates.
-What is our reconstruction (algorithms.md §4.3-4.4, to diff against the paper's equations):
+What is our reconstruction (docs/algorithms.md §4.3-4.4, to diff against the paper's equations):
   - `fedadmm`: consensus ADMM whose dual step uses a second noisy reception of the new global
     model (§4.3), the baseline the paper improves on;
   - `noise_robust_explicit_dual`: the server-first ordering (Zhou & Li, arXiv:2204.10607) where the
@@ -54,7 +54,7 @@ def make_wls_problem(
     clients: int = 20, features: int = 8, samples: int = 30, seed: int = 0, label_noise: float = 0.1
 ) -> WlsProblem:
     """Gaussian regressors, a Gaussian true model, label noise, random diagonal Ψ_k in [0.5, 1.5]
-    (the toy of algorithms.md §4.4 / §6.4.1)."""
+    (the toy of docs/algorithms.md §4.4 / §6.4.1)."""
     rng = np.random.default_rng(seed)
     truth = rng.standard_normal(features)
     R = np.empty((clients, features, features))

@@ -1,10 +1,10 @@
 """A noisy-link simulator for fedsim: additive Gaussian noise and packet loss on each direction.
 
 The noise model is the one used for "Noise-Robust and Resource-Efficient ADMM-based Federated
-Learning" (Lari et al., arXiv:2409.13451; algorithms.md §4.2): a client receives `w + η` and the
+Learning" (Lari et al., arXiv:2409.13451; docs/algorithms.md §4.2): a client receives `w + η` and the
 server receives `u + ζ`, with η, ζ zero-mean Gaussian, independent across clients, rounds and
 directions. The noise level is a variance per element, or an SNR in dB turned into one per tensor
-as `σ² = ‖x‖² / (numel · 10^(SNR/10))` (algorithms.md §4.6). Only floating-point tensors are
+as `σ² = ‖x‖² / (numel · 10^(SNR/10))` (docs/algorithms.md §4.6). Only floating-point tensors are
 noised (integer tensors such as seed indices stand for digitally coded fields); settings and
 metrics pass untouched. A lost packet means the message never arrives.
 

@@ -1,14 +1,14 @@
 """Noise-robust ADMM over LoRA adapters, derived from the description of "Noise-Robust and
 Resource-Efficient ADMM-based Federated Learning" (Lari, Arablouei, Gogineni, Werner;
 arXiv:2409.13451). The paper's equations were not at hand: its WLS rules are reconstructed in
-`strategies/admm_wls.py` (algorithms.md §4.3-4.4) and should be diffed against the paper.
+`benchmarks/admm_wls.py` (docs/algorithms.md §4.3-4.4) and should be diffed against the paper.
 
 From the paper (as described in its abstract): consensus ADMM with random client scheduling; the
 dual variable is eliminated so a scheduled client uses ONE noisy copy of the global model per
 round (one download, one upload); the server keeps every client's latest upload, so unscheduled
 clients contribute their stale one; unscheduled clients may keep updating locally (`continual`).
 
-This module's generalisation to adapter fine-tuning (algorithms.md §4.6, NOT in the paper):
+This module's generalisation to adapter fine-tuning (docs/algorithms.md §4.6, NOT in the paper):
   - the exact WLS solve becomes `train.local_steps` optimizer steps on
     F_k(θ) = f_k(θ) + ⟨λ_k, θ − θ̃⟩ + (ρ/2)‖θ − θ̃‖² over the LoRA (+ head) tensors, θ̃ the one
     received global adapter, warm-started at the client's own θ_k (or at θ̃);

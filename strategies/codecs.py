@@ -1,7 +1,7 @@
 """Update codecs: pure encode/decode of one float tensor to and from a self-describing uint8 blob.
 
 Codecs (NVFlare's fp16/8-bit/4-bit filters; top-k with error feedback, Stich et al. 2018,
-arXiv:1809.07599; ternary sign x scale after top-k, ComPEFT, arXiv:2311.13171, algorithms.md §5.4):
+arXiv:1809.07599; ternary sign x scale after top-k, ComPEFT, arXiv:2311.13171, docs/algorithms.md §5.4):
 
 - `fp16`, `bf16`: the values cast to 16 bits.
 - `int8`, `int4`: symmetric absmax quantisation per block of `block_size` elements (0 = one block

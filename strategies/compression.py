@@ -1,7 +1,7 @@
 """The `[compression]` wrapper: compressed client updates (and optionally downlinks), negotiated per client.
 
 Client: the inner strategy trains as usual; each floating-point update tensor is turned into its
-delta against the instruction's tensor (ComPEFT compresses θ_i − θ^t, algorithms.md §5.4), the
+delta against the instruction's tensor (ComPEFT compresses θ_i − θ^t, docs/algorithms.md §5.4), the
 residual of earlier rounds is added (error feedback, Stich et al. 2018, arXiv:1809.07599) and the
 result is encoded by `fedtune.strategies.codecs` into a uint8 blob sent as `<name>|enc`; what the codec
 dropped becomes the new residual, kept in the client's state. Server: each blob is decoded and

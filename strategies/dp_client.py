@@ -1,5 +1,5 @@
 """Client-level differential privacy: DP-FedAvg (McMahan, Ramage, Talwar, Zhang, ICLR 2018,
-arXiv:1710.06963; algorithms.md §5.5), around a strategy that holds its global state as tensors.
+arXiv:1710.06963; docs/algorithms.md §5.5), around a strategy that holds its global state as tensors.
 
 Each client clips its update Δ_i = θ_i − θ^t to L2 norm C over all its tensors jointly. The
 server clips again (a no-op for honest clients; it is what bounds the sensitivity), takes the uniform

@@ -1,5 +1,5 @@
 """Sample-level differential privacy: DP-SGD (Abadi et al., CCS 2016, arXiv:1607.00133; FFA-LoRA's
-setting, algorithms.md §2.2) with opacus on each client.
+setting, docs/algorithms.md §2.2) with opacus on each client.
 
 Every client trains with opacus' GradSampleModule and DPOptimizer over its trainable adapter
 tensors only (FFA-LoRA: B and the head; its frozen A gets no noise and is in no optimizer), with

@@ -1,7 +1,7 @@
 """FedAvg over peft LoRA adapters (FedIT, arXiv:2305.05644): sample-weighted mean of A and B.
 
 Server: broadcast the global adapter; new global = sum_i p_i theta_i with p_i = n_i / sum_j n_j,
-each tensor separately (algorithms.md §1.2). Note the mean of B and of A is not the mean of the
+each tensor separately (docs/algorithms.md §1.2). Note the mean of B and of A is not the mean of the
 clients' B·A products (§1.3); FFA-LoRA removes that discordance.
 Client: load the global adapter, run `train.local_steps` steps with a fresh optimizer (moments
 reset every round, as the reference frameworks do), upload every adapter (+ head) tensor. The local

@@ -1,12 +1,12 @@
 """FedKSeed (Qin et al., ICML 2024, arXiv:2312.06353): full-parameter zeroth-order tuning by seed exchange.
 
 Every floating-point parameter of the plain transformers model is trained (no peft), yet only
-(seed index, scalar) pairs cross the wire, whatever the model's size (algorithms.md §3). This module
+(seed index, scalar) pairs cross the wire, whatever the model's size (docs/algorithms.md §3). This module
 holds the strategy: its config, the workspace and both halves. Its building blocks are
 `fedkseed_kernels` (the seed pool, the seeded perturbation z(s), the two-point step, Pro's seed
 probabilities) and `fedkseed_history` (versions, ΔG per aggregation, the catch-up log).
 
-- Client: catches up to the instruction's version, then takes τ two-point steps (algorithms.md
+- Client: catches up to the instruction's version, then takes τ two-point steps (docs/algorithms.md
   §3.3) on seeds drawn uniformly, or by FedKSeed-Pro's π when the instruction carries its levels,
   and uploads G_i[j] = Σ g over the steps that drew seed j: exactly S pairs for S distinct seeds,
   `seed_index` (int16 when K ≤ 32768, else int32) + `scalar_grad` (float32).
@@ -102,7 +102,7 @@ class FedKSeedConfig(StrategyConfig):
 
 
 def check_replay_linear(train: TrainConfig) -> None:
-    """Seed replay w_v = w_{v−1} − η Σ ΔG_j z_j needs plain constant-η SGD (algorithms.md §3.11)."""
+    """Seed replay w_v = w_{v−1} − η Σ ΔG_j z_j needs plain constant-η SGD (docs/algorithms.md §3.11)."""
     if train.weight_decay != 0:
         raise ValueError(
             f"train.weight_decay: fedkseed replays the seed history linearly and needs weight decay 0, "

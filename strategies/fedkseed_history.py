@@ -1,5 +1,5 @@
 """FedKSeed's seed history: the versions of the global model, each aggregation's ΔG, and the catch-up
-log that carries them to clients (Qin et al., ICML 2024, arXiv:2312.06353; algorithms.md §3.4-3.5).
+log that carries them to clients (Qin et al., ICML 2024, arXiv:2312.06353; docs/algorithms.md §3.4-3.5).
 
 - Version v of the global model is w_v = w_{v−1} − η Σ_j ΔG_v[j] z(s_j), seeds in ascending index
   order (`RoundDelta` holds one ΔG_v). Every party applying the same versions to the same bits gets

@@ -1,5 +1,5 @@
 """FedKSeed's zeroth-order kernels: the seed pool, the seeded perturbation z(s), the two-point step
-and FedKSeed-Pro's seed probabilities (Qin et al., ICML 2024, arXiv:2312.06353; algorithms.md §3).
+and FedKSeed-Pro's seed probabilities (Qin et al., ICML 2024, arXiv:2312.06353; docs/algorithms.md §3).
 
 - Seed pool: K seeds `hash_seed(run seed, "fedkseed-pool", k)`, derived by everyone from the run
   seed, so the pool never travels. K defaults to 4096, the reference code's default (the README's
@@ -12,7 +12,7 @@ and FedKSeed-Pro's seed probabilities (Qin et al., ICML 2024, arXiv:2312.06353; 
   thread count. A perturbation holds one chunk per thread (4 MB), never a copy of the model.
   Bit-identical across processes on the same CPU kind; torch picks its vectorised normal kernel by
   CPU capability, so across machines pin `ATEN_CPU_CAPABILITY` to one value.
-- Client step (MeZO pattern, Malladi et al. arXiv:2305.17333, Alg. 1; algorithms.md §3.3): w += εz,
+- Client step (MeZO pattern, Malladi et al. arXiv:2305.17333, Alg. 1; docs/algorithms.md §3.3): w += εz,
   L+; w −= 2εz, L−; g = (L+ − L−)/2ε; then w += (ε − ηg)z, the restore and the update fused in one
   pass. Losses in fp32 under model.eval(); a NaN (or over-clip) loss difference only restores and
   records nothing.
@@ -117,7 +117,7 @@ def zeroth_order_step(
     loss_fn: Callable[[], float],
     loss_diff_clip: float | None = None,
 ) -> ZerothOrderStep | None:
-    """One two-point step (algorithms.md §3.3 steps 2-7); None (weights restored) when skipped."""
+    """One two-point step (docs/algorithms.md §3.3 steps 2-7); None (weights restored) when skipped."""
     perturb(parameters, seed, eps)
     loss_plus = loss_fn()
     perturb(parameters, seed, -2 * eps)
@@ -137,7 +137,7 @@ def batch_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> float:
 
 
 def amplitude_levels(amplitudes: torch.Tensor) -> torch.Tensor:
-    """FedKSeed-Pro's min-max normalised mean |g| (algorithms.md §3.6), as uint8 levels 0..255."""
+    """FedKSeed-Pro's min-max normalised mean |g| (docs/algorithms.md §3.6), as uint8 levels 0..255."""
     amplitudes = amplitudes.to(torch.float64)
     normalised = (amplitudes - amplitudes.min()) / (amplitudes.max() - amplitudes.min() + 1e-10)
     return torch.round(normalised * PRO_LEVELS).to(torch.uint8)

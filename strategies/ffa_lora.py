@@ -3,7 +3,7 @@
 A is drawn once from the run seed with a device-independent CPU generator (see
 `LoraWorkspace._seed_lora_a`), identical on the server and every client and never updated; only B
 (+ the head) is trained, sent and averaged. Because A is shared, the mean of the clients' B gives
-exactly the mean of their s·B·A (algorithms.md §2.2), and the traffic is half of LoRA's for square
+exactly the mean of their s·B·A (docs/algorithms.md §2.2), and the traffic is half of LoRA's for square
 modules. Every instruction carries the SHA-256 of A so a client with a different A refuses to train.
 """
 
@@ -29,7 +29,7 @@ A_DIGEST = "lora_A_sha256"
 
 
 class FfaLoraConfig(FedAvgLoraConfig):
-    """Same knobs as LoRA; alpha only rescales the learning rate here (algorithms.md §2.2)."""
+    """Same knobs as LoRA; alpha only rescales the learning rate here (docs/algorithms.md §2.2)."""
 
 
 def frozen_names(workspace: LoraWorkspace) -> list[str]:

@@ -1,4 +1,4 @@
-"""Noise-robust ADMM: the WLS reconstruction (algorithms.md §6.4) and the adapter strategy `admm`."""
+"""Noise-robust ADMM: the WLS reconstruction (docs/algorithms.md §6.4) and the adapter strategy `admm`."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_noiseless_full_participation_reaches_the_centralised_solution(algorithm
 
 def test_random_scheduling_converges_and_continual_updates_converge_faster():
     """§6.4.2: P = 0.3 still reaches w*; unscheduled clients that keep updating need fewer
-    iterations (≈ 2× in algorithms.md's reconstruction), and are ahead at a fixed budget."""
+    iterations (≈ 2× in docs/algorithms.md's reconstruction), and are ahead at a fixed budget."""
     for seed in range(3):
         plain = simulate(PROBLEM, WlsSettings(rho=10, selection_prob=0.3, iterations=1000, seed=seed))
         continual = simulate(
@@ -92,7 +92,7 @@ def test_with_link_noise_the_dual_free_variant_beats_fedadmm_and_scales_with_the
 
 
 def test_continual_updates_under_noise_in_this_reconstruction():
-    """What is true of our reconstruction (algorithms.md §4.4), pinned so a change is noticed:
+    """What is true of our reconstruction (docs/algorithms.md §4.4), pinned so a change is noticed:
     with noisy links the continual variant is ahead only in the first ~10 iterations and settles at
     a HIGHER MSD than the plain dual-free one at ρ = 10 (idle clients drift to the last noisy global they received);
     both stay below FedADMM. The paper reports a benefit; its exact continual rule is unverified."""

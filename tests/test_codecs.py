@@ -196,7 +196,7 @@ def test_topk_never_keeps_zeros():
 
 @pytest.mark.parametrize("alpha", [0.5, 2.0])
 def test_compeft_ternary_has_exactly_k_entries_of_plus_minus_alpha_sigma(alpha):
-    # algorithms.md §6.7.1
+    # docs/algorithms.md §6.7.1
     x = torch.randn(50, 41, generator=torch.Generator().manual_seed(3))
     d, density = x.numel(), 0.05
     k = math.ceil(density * d)

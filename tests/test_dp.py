@@ -1,4 +1,4 @@
-"""Differential privacy: algorithms.md §6.5 checks, for client-level DP-FedAvg and sample-level DP-SGD."""
+"""Differential privacy: docs/algorithms.md §6.5 checks, for client-level DP-FedAvg and sample-level DP-SGD."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FedAvg over LoRA: algorithms.md §6.1 checks."""
+"""FedAvg over LoRA: docs/algorithms.md §6.1 checks."""
 
 from __future__ import annotations
 

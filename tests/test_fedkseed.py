@@ -1,4 +1,4 @@
-"""FedKSeed(-Pro): algorithms.md §6.3 checks, plus Rouge-L and the Natural Instructions reader."""
+"""FedKSeed(-Pro): docs/algorithms.md §6.3 checks, plus Rouge-L and the Natural Instructions reader."""
 
 from __future__ import annotations
 

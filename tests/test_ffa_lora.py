@@ -1,4 +1,4 @@
-"""FFA-LoRA: algorithms.md §6.2 checks."""
+"""FFA-LoRA: docs/algorithms.md §6.2 checks."""
 
 from __future__ import annotations
 
