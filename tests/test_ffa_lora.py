@@ -23,6 +23,7 @@ print(federation.workspace.digest(frozen_names(federation.workspace)))
 """
 
 
+@pytest.mark.e2e  # fresh Python processes
 def test_frozen_a_is_identical_across_processes_and_never_changes(tmp_path):
     federation = build_federation(tiny_config(strategy="ffa_lora", train={"weight_decay": 0.1}))
     workspace = federation.workspace

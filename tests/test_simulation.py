@@ -84,6 +84,7 @@ def test_relative_data_paths_are_relative_to_the_config(tmp_path):
     assert load_config(path).data.train == str(tmp_path / "data" / "train.jsonl")
 
 
+@pytest.mark.e2e  # the installed console script in a subprocess
 def test_fedsim_console_script_runs_the_default_demo(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "fedtune.simulations.cli", "run", "--out", str(tmp_path), "--rounds", "1", "--quiet"],
