@@ -1,41 +1,49 @@
-"""The coordinator: one run's round loop over the shared RoundEngine, and the answers the transport gives.
+"""The coordinator: one run's round lifecycle over the shared RoundEngine, whatever carries the messages.
 
 It builds the run exactly as fedsim does (`resolve`, `build_workspace`, `definition.server`,
 `RoundEngine`), so the strategy objects, validation and metrics are the same; only clients are
-real. Every engine and SQLite call runs on one worker thread (`_call`), in order, so the event
-loop that serves gRPC never blocks on aggregation, evaluation or disk, and the strategy is never
-touched by two threads. The loop keeps its own view of the round (`selected`, `accepted`) for
-answering polls without reaching into the engine from another thread.
+real. It answers in transport-neutral terms: a `PollAnswer`, a `HeartbeatAnswer`, or
+`Refused(reason, message)`; a transport only maps those to its own messages and statuses
+(gRPC: fedserver.service). This module imports no transport: the round loop never depended on
+gRPC, only its answers did, so the lifecycle stays here rather than in a module of its own.
 
 Round life: wait for `min_clients` live clients -> `begin_round` (strategy samples, instructions)
--> persist -> wait until every selected client has replied, or the deadline has passed and the
-quorum is in -> `finish_round` -> checkpoint (atomic) and commit the new strategy state.
+-> persist -> wait until every selected client has replied or left, or the deadline has passed and
+the quorum is in -> `finish_round` (clients that never replied are counted as stragglers) ->
+checkpoint (atomic) and commit the new strategy state. A resumed server continues after the last
+committed round and replays the interrupted round's stored updates.
+
+Threads: every engine (hence strategy) and SQLite call runs on one worker thread (`_call`), in
+order, so the event loop never blocks on aggregation, evaluation or disk and the strategy is never
+touched by two threads. The round has one state, the engine's `RoundState`, written only on that
+thread; the event loop reads it (poll answers, the early upload check, the round-end test) only
+through lookups that are atomic against the worker's inserts. Client sessions, tokens and the open
+round's deadline and instructions belong to the event loop. `prepare` runs before either serves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
 import os
+import re
 import shutil
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from enum import Enum
 from typing import Any, TypeVar
 
-import grpc
-
 from fedtune.fedserver.config import ServerConfig
-from fedtune.fedserver.engine import RoundEngine
+from fedtune.fedserver.engine import RoundEngine, RoundState
 from fedtune.fedserver.metrics import MetricsLog, RoundMetrics
 from fedtune.fedserver.store import RunStore
-from fedtune.protos import fedtune_pb2 as pb
-from fedtune.protos.payload import CLIENT_ID_PATTERN
-from fedtune.strategies.api import ClientUpdate, DeviceProfile, Instruction, InvalidUpdate, ServerStrategy, Workspace
+from fedtune.strategies.api import ClientUpdate, DeviceProfile, Instruction, Refusal, Refused
 from fedtune.tasks.data import TokenDataset, encode, load_records, split_holdout
 from fedtune.tasks.models import load_model
 
@@ -43,14 +51,35 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 KEPT_CHECKPOINTS = 2
 HOUSEKEEPING_S = 2.0
+CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+ROUND_MOVED_ON = frozenset({Refusal.RUN_OVER, Refusal.NO_ROUND, Refusal.WRONG_ROUND, Refusal.NOT_SELECTED})
+"""Refusals that, when an upload is committed after its header was accepted, mean the round closed meanwhile."""
 
 
-class Refusal(Exception):
-    """A request the server refuses; `code` is the gRPC status the client gets, the message names why."""
+class PollKind(Enum):
+    INSTRUCTION = "instruction"  # take part in `round`; the instruction comes with the answer
+    WAIT = "wait"  # nothing to do now; ask again after `retry_after_s`
+    DONE = "done"  # the run is over; `reason` says why
 
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
+
+@dataclass(frozen=True)
+class PollAnswer:
+    """What a polling client is told."""
+
+    kind: PollKind
+    rounds: int  # the run's planned number of rounds
+    round: int = 0  # the round the answer is about; 0 = none in progress
+    reason: str = ""
+    deadline: float = 0.0  # wall clock by which the round waits for this client's update (INSTRUCTION)
+    retry_after_s: float = 0.0
+    sits_out: bool = False  # the round runs without this client (its strategy may do idle work)
+    instruction: Instruction | None = None
+
+
+@dataclass(frozen=True)
+class HeartbeatAnswer:
+    round: int  # the round in progress; 0 = none
+    done: bool  # the run is over
 
 
 @dataclass
@@ -67,14 +96,14 @@ class ClientSession:
     told_done: bool = False
 
 
-@dataclass
-class RoundView:
-    """The event loop's view of the round in progress (round 0 = none)."""
+@dataclass(frozen=True)
+class OpenRound:
+    """The round clients are told about: the engine's state of it (the object itself, not a copy) and
+    what only the lifecycle knows, its deadline and each selected client's instruction."""
 
-    round: int = 0
-    selected: set[str] = field(default_factory=set)
-    accepted: set[str] = field(default_factory=set)
-    deadline: float = 0.0  # wall clock, as persisted
+    state: RoundState
+    deadline: float  # wall clock, as persisted
+    instructions: dict[str, Instruction]
 
 
 def eval_dataset(config: ServerConfig, tokenizer) -> TokenDataset:
@@ -89,23 +118,16 @@ def eval_dataset(config: ServerConfig, tokenizer) -> TokenDataset:
     return encode(rows[: data.max_eval_examples], tokenizer, data, config.model.kind, config.model.max_length)
 
 
-def upload_refusal(client_id: str, round: int, view: RoundView, done: bool) -> Refusal | None:
-    """Why an update from `client_id` for `round` cannot be taken now, or None."""
-    if done:
-        return Refusal(grpc.StatusCode.FAILED_PRECONDITION, "the run is over; no update is taken")
-    if view.round == 0:
-        return Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                       f"ClientUpdate.round: {round}, but no round is in progress (it may have closed)")
-    if round != view.round:
-        return Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                       f"ClientUpdate.round: {round} is not the current round {view.round}")
-    if client_id not in view.selected:
-        return Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                       f"client {client_id!r} is not selected for round {view.round}")
-    if client_id in view.accepted:
-        return Refusal(grpc.StatusCode.ALREADY_EXISTS,
-                       f"an update from {client_id!r} for round {view.round} was already accepted")
-    return None
+def build_engine(config: ServerConfig) -> RoundEngine:
+    """The run's strategy, workspace and evaluation set, built as fedsim builds them."""
+    spec = config.run_spec()
+    definition, strategy_config, context = spec.definition(), spec.strategy_config(), spec.context()
+    bundle = load_model(config.model, config.seed)
+    workspace = definition.build_workspace(bundle, strategy_config, context)
+    strategy = definition.server(strategy_config, context)
+    strategy.initialize(workspace)
+    return RoundEngine(strategy, workspace, eval_dataset(config, bundle.tokenizer), config.train.eval_batch_size,
+                       MetricsLog(config.run_dir()))
 
 
 class Coordinator:
@@ -113,22 +135,28 @@ class Coordinator:
         self.config = config
         self.store = store
         self.run_dir = config.run_dir()
-        self.view = RoundView()
         self.sessions: dict[str, ClientSession] = {}
         self.tokens: dict[str, str | None] = {}
         self.run_id = ""
         self.next_round = 1
-        self.done_reason: str | None = None
         self.waiting_for = "starting"
-        self._instructions: dict[str, Instruction] = {}
+        self.open_round: OpenRound | None = None
         self._event = asyncio.Event()
         self._poll_event = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._register_lock = asyncio.Lock()
         self._dirty: dict[str, tuple[float, str]] = {}
-        self.strategy: ServerStrategy
-        self.workspace: Workspace
         self.engine: RoundEngine
+
+    @property
+    def done_reason(self) -> str | None:
+        """Why the run ended, once it has."""
+        return self.engine.ended
+
+    @property
+    def current_round(self) -> int:
+        """The round clients are told about; 0 = none."""
+        return self.open_round.state.round if self.open_round else 0
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -150,11 +178,12 @@ class Coordinator:
         self._poll_event = asyncio.Event()
 
     async def _wait(self, timeout: float, polling: bool = False) -> None:
+        """Until the next change, or `timeout`. (Not asyncio.wait_for: on Python 3.11 it can swallow a
+        cancellation that arrives as the event is set, and a stopped server would wait on.)"""
         event = self._poll_event if polling else self._event
-        try:
-            await asyncio.wait_for(event.wait(), max(timeout, 0.0))
-        except TimeoutError:
-            pass
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(timeout, 0.0)):
+                await event.wait()
 
     def touch(self, client_id: str, activity: str | None = None) -> ClientSession:
         session = self.sessions[client_id]
@@ -172,28 +201,17 @@ class Coordinator:
 
     # -- start: fresh or resumed ------------------------------------------------------------
 
-    async def prepare(self, resume: bool) -> None:
-        await self._call(self._build)
+    async def prepare(self, resume: bool, build: Callable[[ServerConfig], RoundEngine] = build_engine) -> None:
+        """Build the engine (tests pass a `build` around a stub strategy), then start fresh or resume."""
+        self.engine = await self._call(build, self.config)
         await self._call(self._restore if resume else self._start_fresh)
         self.tokens = await self._call(self.store.tokens)
-
-    def _build(self) -> None:
-        config = self.config
-        definition = config.run_spec().definition()
-        strategy_config = config.run_spec().strategy_config()
-        context = config.run_spec().context()
-        bundle = load_model(config.model, config.seed)
-        self.workspace = definition.build_workspace(bundle, strategy_config, context)
-        self.strategy = definition.server(strategy_config, context)
-        self.strategy.initialize(self.workspace)
-        self.engine = RoundEngine(self.strategy, self.workspace, eval_dataset(config, bundle.tokenizer),
-                                  config.train.eval_batch_size, MetricsLog(self.run_dir))
 
     def _start_fresh(self) -> None:
         self.run_id = uuid.uuid4().hex
         self.store.set_meta(run_id=self.run_id, config=self.config.model_dump_json(), status="running",
                             created=str(time.time()))
-        self.store.save_initial_state(self.strategy.state_dict())
+        self.store.save_initial_state(self.engine.strategy.state_dict())
         self.engine.metrics.jsonl.unlink(missing_ok=True)
         self.engine.record_baseline()
         self.next_round = 1
@@ -201,34 +219,33 @@ class Coordinator:
     def _restore(self) -> None:
         """Continue after the last committed round; replay the interrupted round's accepted updates."""
         self.run_id = self.store.get_meta("run_id") or ""
+        strategy = self.engine.strategy
         for record in self.store.clients():
-            self.strategy.on_client_registered(record.client_id, record.profile)
+            strategy.on_client_registered(record.client_id, record.profile)
             self.sessions[record.client_id] = ClientSession(record.client_id, record.token_hash, record.profile,
                                                             left=record.left_reason)
-        last, state = self.store.latest_state()
-        self.strategy.load_state_dict(state)
+        last, saved = self.store.latest_state()
+        strategy.load_state_dict(saved)
         self.engine.metrics.truncate(last)
         self.next_round = last + 1
         interrupted = next((r for r in self.store.rounds() if r.round == last + 1 and r.status == "running"), None)
         if interrupted is None:
             return
-        self._instructions = self.engine.begin_round(interrupted.round, interrupted.available)
-        if sorted(self._instructions) != sorted(interrupted.selected):
+        instructions = self.engine.begin_round(interrupted.round, interrupted.available)
+        if sorted(instructions) != sorted(interrupted.selected):
             log.warning("resume: round %d now selects %s, the interrupted run had selected %s (the strategy's "
-                        "sampling is not deterministic)", interrupted.round, sorted(self._instructions),
-                        interrupted.selected)
-        assert self.engine.current is not None
-        self.engine.current.bytes_down = interrupted.bytes_down
-        accepted = set()
+                        "sampling is not deterministic)", interrupted.round, sorted(instructions), interrupted.selected)
+        state = self.engine.current
+        assert state is not None
+        state.bytes_down = interrupted.bytes_down
         for update, wire_bytes in self.store.load_updates(interrupted.round):
             try:
                 self.engine.submit(update, wire_bytes)
-                accepted.add(update.client_id)
-            except InvalidUpdate as error:
-                log.warning("resume: stored update no longer valid, dropped: %s", error)
-        self.view = RoundView(interrupted.round, set(self._instructions), accepted, interrupted.deadline)
+            except Refused as refused:
+                log.warning("resume: stored update no longer valid, dropped: %s", refused)
+        self.open_round = OpenRound(state, interrupted.deadline, instructions)
         log.info("resume: round %d continues with %d of %d updates already accepted", interrupted.round,
-                 len(accepted), len(self._instructions))
+                 len(state.accepted), len(instructions))
 
     # -- the round loop ---------------------------------------------------------------------
 
@@ -237,19 +254,19 @@ class Coordinator:
         housekeeping = asyncio.create_task(self._housekeeping())
         try:
             while True:
-                if self.view.round == 0:
+                if self.open_round is None:
                     if self.next_round > self.config.rounds:
                         reason = f"all {self.config.rounds} rounds completed"
                         break
-                    stop = await self._call(self.strategy.stop_reason, self.next_round) or await self._wait_for_clients()
+                    stop = (await self._call(self.engine.strategy.stop_reason, self.next_round)
+                            or await self._wait_for_clients())
                     if stop:
                         reason = stop
                         break
                     await self._begin_round(self.next_round)
                 await self._wait_round_end()
                 await self._finish_round()
-            self.done_reason = reason
-            await self._call(self.store.set_meta, status="finished", finish_reason=reason)
+            await self._call(self._end_run, reason)
             self._round_changed()
             await self._call(self.engine.metrics.plot)
             log.info("run finished: %s", reason)
@@ -258,6 +275,10 @@ class Coordinator:
         finally:
             housekeeping.cancel()
             await self._call(self._flush_activity)
+
+    def _end_run(self, reason: str) -> None:
+        self.store.set_meta(status="finished", finish_reason=reason)
+        self.engine.end_run(reason)
 
     async def _wait_for_clients(self) -> str | None:
         """Wait until min_clients are live; or return why no round can ever start again."""
@@ -273,62 +294,66 @@ class Coordinator:
         """Every enrollment token is bound to a client that has left (e.g. each retired when its
         privacy budget was spent), as fedsim stops when every client has retired. An unused token
         keeps the server waiting: that device may still join."""
-        clients = set((await self._call(self.store.tokens)).values())  # None: a token not used yet
-        sessions = [self.sessions.get(cid) if cid is not None else None for cid in sorted(clients, key=str)]
-        if not sessions or not all(session is not None and session.left for session in sessions):
+        clients = sorted(set((await self._call(self.store.tokens)).values()), key=str)  # None: a token not used yet
+        reasons = [session.left for cid in clients
+                   if cid is not None and (session := self.sessions.get(cid)) is not None and session.left]
+        if not clients or len(reasons) < len(clients):
             return None
-        return f"every enrolled client has left (e.g. {sessions[0].left})"
+        return f"every enrolled client has left (e.g. {reasons[0]})"
 
     async def _begin_round(self, round: int) -> None:
         available = self.live_clients()
         deadline = time.time() + self.config.server.round_deadline_s
 
-        def begin() -> dict[str, Instruction]:
+        def begin() -> OpenRound:
             instructions = self.engine.begin_round(round, available)
             self.store.begin_round(round, available, sorted(instructions), deadline)
-            return instructions
+            assert self.engine.current is not None
+            return OpenRound(self.engine.current, deadline, instructions)
 
-        self._instructions = await self._call(begin)
-        self.view = RoundView(round, set(self._instructions), set(), deadline)
-        log.info("round %d: %d of %d live clients selected", round, len(self._instructions), len(available))
+        self.open_round = await self._call(begin)
+        log.info("round %d: %d of %d live clients selected", round, len(self.open_round.instructions),
+                 len(available))
         self._round_changed()
 
     def quorum(self) -> int:
-        return math.ceil(self.config.server.quorum * len(self.view.selected))
+        """Accepted updates that close the open round once its deadline has passed."""
+        selected = len(self.open_round.state.selected) if self.open_round else 0
+        return math.ceil(self.config.server.quorum * selected)
+
+    def round_can_close(self, now: float) -> bool:
+        """Every selected client has been accepted or has left; or the deadline has passed and the
+        quorum is in. (A client whose update was invalid may still send a valid one.)"""
+        assert self.open_round is not None
+        state = self.open_round.state
+        awaited = [cid for cid in state.selected if cid not in state.accepted and self.sessions[cid].left is None]
+        return not awaited or (now >= self.open_round.deadline and len(state.accepted) >= self.quorum())
 
     async def _wait_round_end(self) -> None:
-        view = self.view
-        while True:
-            gone = {cid for cid in view.selected if self.sessions[cid].left is not None}
-            awaited = view.selected - view.accepted - gone
-            if not awaited:
-                return
-            now = time.time()
-            if now >= view.deadline and len(view.accepted) >= self.quorum():
-                return
-            self.waiting_for = (f"round {view.round}: {len(view.accepted)} of {len(view.selected)} updates in "
+        assert self.open_round is not None
+        state, deadline = self.open_round.state, self.open_round.deadline
+        while not self.round_can_close(now := time.time()):
+            self.waiting_for = (f"round {state.round}: {len(state.accepted)} of {len(state.selected)} updates in "
                                 f"(quorum {self.quorum()})")
-            await self._wait(view.deadline - now if now < view.deadline else HOUSEKEEPING_S)
+            await self._wait(deadline - now if now < deadline else HOUSEKEEPING_S)
 
     async def _finish_round(self) -> None:
-        view = self.view
+        assert self.open_round is not None
+        state = self.open_round.state
 
         def finish() -> tuple[RoundMetrics, list[str]]:
-            state = self.engine.current
-            assert state is not None
-            stragglers = sorted(set(state.selected) - set(state.accepted) - set(state.rejected))
-            participants = sorted(state.accepted)
+            stragglers = state.stragglers()
             metrics = self.engine.finish_round({"selected": len(state.selected), "stragglers": len(stragglers)})
-            self._checkpoint(view.round)
-            self.store.complete_round(view.round, self.strategy.state_dict(), metrics.model_dump(), participants)
+            self._checkpoint(state.round)
+            self.store.complete_round(state.round, self.engine.strategy.state_dict(), metrics.model_dump(),
+                                      sorted(state.accepted))
             return metrics, stragglers
 
         metrics, stragglers = await self._call(finish)
-        log.info("round %d done: %d updates, %d stragglers %s, eval loss %s", view.round, metrics.clients,
+        log.info("round %d done: %d updates, %d stragglers %s, eval loss %s", state.round, metrics.clients,
                  len(stragglers), stragglers, metrics.eval_loss)
-        self.next_round = view.round + 1
-        self.view = RoundView()
-        self._instructions = {}
+        self.next_round = state.round + 1
+        self.open_round = None
         self._round_changed()
 
     def _checkpoint(self, round: int) -> None:
@@ -370,22 +395,22 @@ class Coordinator:
         if dirty:
             self.store.record_activity(dirty)
 
-    # -- what the transport asks ------------------------------------------------------------
+    # -- what a transport asks --------------------------------------------------------------
 
     async def client_for_token(self, token_hash: str) -> str | None:
-        """The client id bound to a token; Refusal(UNAUTHENTICATED) for an unknown token. Tokens added
+        """The client id bound to a token; Refused(UNAUTHENTICATED) for an unknown token. Tokens added
         by `fedserver init` while the server runs are picked up on first use."""
         if token_hash not in self.tokens:
             known, client_id = await self._call(self.store.token, token_hash)
             if not known:
-                raise Refusal(grpc.StatusCode.UNAUTHENTICATED, "unknown enrollment token")
+                raise Refused(Refusal.UNAUTHENTICATED, "unknown enrollment token")
             self.tokens[token_hash] = client_id
         return self.tokens[token_hash]
 
     async def registered_client(self, token_hash: str) -> str:
         client_id = await self.client_for_token(token_hash)
         if client_id is None:
-            raise Refusal(grpc.StatusCode.NOT_FOUND, "no client is registered with this token: call Register first")
+            raise Refused(Refusal.NOT_REGISTERED, "no client is registered with this token: call Register first")
         return client_id
 
     async def register(self, token_hash: str, name: str, profile: DeviceProfile) -> str:
@@ -393,16 +418,16 @@ class Coordinator:
             client_id = await self.client_for_token(token_hash)
             if client_id is None:
                 if name and not CLIENT_ID_PATTERN.match(name):
-                    raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                    raise Refused(Refusal.MALFORMED,
                                   f"RegisterRequest.name: {name[:80]!r} must be 1-64 letters, digits, '-', '_' or '.'")
                 client_id = name or f"device-{token_hash[:12]}"
                 if client_id in self.sessions:
-                    raise Refusal(grpc.StatusCode.ALREADY_EXISTS,
+                    raise Refused(Refusal.NAME_TAKEN,
                                   f"RegisterRequest.name: {client_id!r} is already registered with another token")
 
             def bind() -> None:
                 self.store.bind_client(client_id, token_hash, profile, time.time())
-                self.strategy.on_client_registered(client_id, profile)
+                self.engine.strategy.on_client_registered(client_id, profile)
 
             await self._call(bind)
             self.tokens[token_hash] = client_id
@@ -413,94 +438,87 @@ class Coordinator:
         self._changed()
         return client_id
 
-    def _answer(self, client_id: str) -> tuple[pb.PullStatus, Instruction | None]:
+    def answer(self, client_id: str) -> PollAnswer:
+        """What `client_id` is told right now: its instruction, to wait (and why), or that the run is
+        over (which marks the client as having heard it)."""
         session = self.sessions[client_id]
-        view = self.view
-        common = {"rounds": self.config.rounds}
+        rounds = self.config.rounds
         if self.done_reason is not None:
             session.told_done = True
-            return pb.PullStatus(kind=pb.PullStatus.DONE, reason=self.done_reason, **common), None
+            return PollAnswer(PollKind.DONE, rounds, reason=self.done_reason)
         if session.left is not None:
-            return pb.PullStatus(kind=pb.PullStatus.WAIT, reason=f"client has left ({session.left}); Register to "
-                                 "take part again", retry_after_ms=5000, **common), None
-        if view.round and client_id in view.selected and client_id not in view.accepted:
-            return pb.PullStatus(kind=pb.PullStatus.INSTRUCTION, round=view.round,
-                                 deadline_unix_ms=int(view.deadline * 1000), **common), self._instructions[client_id]
-        if view.round and client_id in view.selected:
-            return pb.PullStatus(kind=pb.PullStatus.WAIT, round=view.round, reason=f"update for round {view.round} "
-                                 "accepted; waiting for the round to close", **common), None
-        if view.round:
-            return pb.PullStatus(kind=pb.PullStatus.WAIT, round=view.round, sits_out=True,
-                                 reason=f"round {view.round} runs without this client", **common), None
-        return pb.PullStatus(kind=pb.PullStatus.WAIT, reason=self.waiting_for, **common), None
+            return PollAnswer(PollKind.WAIT, rounds, reason=f"client has left ({session.left}); Register to take "
+                              "part again", retry_after_s=5.0)
+        open_round = self.open_round
+        if open_round is None:
+            return PollAnswer(PollKind.WAIT, rounds, reason=self.waiting_for)
+        state = open_round.state
+        if client_id not in state.selected:
+            return PollAnswer(PollKind.WAIT, rounds, round=state.round, sits_out=True,
+                              reason=f"round {state.round} runs without this client")
+        if client_id in state.accepted:
+            return PollAnswer(PollKind.WAIT, rounds, round=state.round,
+                              reason=f"update for round {state.round} accepted; waiting for the round to close")
+        return PollAnswer(PollKind.INSTRUCTION, rounds, round=state.round, deadline=open_round.deadline,
+                          instruction=open_round.instructions[client_id])
 
-    async def pull(self, client_id: str, wait_s: float) -> tuple[pb.PullStatus, Instruction | None]:
+    async def pull(self, client_id: str, wait_s: float) -> PollAnswer:
         """Long poll: the client's instruction, DONE, or WAIT once nothing changed for `wait_s`."""
         session = self.touch(client_id, "polling")
         session.open_pulls += 1
         end = time.monotonic() + min(wait_s, self.config.server.long_poll_s)
         try:
             while True:
-                status, instruction = self._answer(client_id)
+                answer = self.answer(client_id)
                 remaining = end - time.monotonic()
-                if status.kind != pb.PullStatus.WAIT or remaining <= 0:
-                    if status.kind == pb.PullStatus.WAIT and not status.retry_after_ms:
-                        status.retry_after_ms = 0 if wait_s > 0 else 1000
-                    return status, instruction
+                if answer.kind is not PollKind.WAIT or remaining <= 0:
+                    if answer.kind is PollKind.WAIT and not answer.retry_after_s and wait_s <= 0:
+                        answer = replace(answer, retry_after_s=1.0)  # it would not wait: not straight back either
+                    return answer
                 await self._wait(remaining, polling=True)
         finally:
             session.open_pulls -= 1
             self.touch(client_id)
 
-    async def instruction_sent(self, client_id: str, round: int, wire_bytes: int) -> None:
-        """Count a delivered instruction's bytes in the round it belongs to."""
+    async def instruction_sent(self, client_id: str, instruction: Instruction, wire_bytes: int) -> None:
+        """Count a delivered instruction's bytes in its round, if that round is still open."""
         def count() -> None:
-            current = self.engine.current
-            if current is not None and current.round == round:
-                current.bytes_down += wire_bytes
-                self.store.add_bytes_down(round, wire_bytes)
+            if self.engine.count_down(instruction, wire_bytes):
+                self.store.add_bytes_down(instruction.round, wire_bytes)
 
         self.touch(client_id, "training")
         await self._call(count)
 
     def check_upload(self, client_id: str, round: int) -> None:
-        """Refuse early (on the stream header, before any data): wrong round, not selected, duplicate."""
-        refusal = upload_refusal(client_id, round, self.view, self.done_reason is not None)
-        if refusal is not None:
-            raise refusal
+        """Refuse early, before any data arrives: the engine's own decision, read from the event loop."""
+        self.engine.check_upload(client_id, round)
 
     async def submit(self, client_id: str, update: ClientUpdate, wire_bytes: int, received_s: float = 0.0) -> None:
-        """Validate with the strategy (via the engine) and store durably before the client hears OK."""
-        view = self.view
+        """Decide again (the round may have closed while the payload streamed), validate with the
+        strategy (via the engine) and store durably before the client hears OK."""
         started = time.perf_counter()
 
         def accept() -> None:
-            current = self.engine.current
-            engine_view = RoundView(current.round, set(current.selected), set(current.accepted)) if current else RoundView()
-            refusal = upload_refusal(client_id, update.round, engine_view, self.done_reason is not None)
-            if refusal is not None:
-                if refusal.code == grpc.StatusCode.FAILED_PRECONDITION:
-                    refusal = Refusal(refusal.code, f"{refusal} (the round closed before the upload completed)")
-                raise refusal
             try:
                 self.engine.submit(update, wire_bytes)
-            except InvalidUpdate as error:
-                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from error
+            except Refused as refused:
+                if refused.reason in ROUND_MOVED_ON:
+                    closed = f"{refused} (the round closed before the upload completed)"
+                    raise Refused(refused.reason, closed) from refused
+                raise
             self.store.save_update(update, wire_bytes)
 
         await self._call(accept)
-        if view is self.view:
-            view.accepted.add(client_id)
         self.touch(client_id, f"uploaded round {update.round}")
         log.info("round %d: update from %s accepted (%d bytes; received in %.2f s, validated and stored in %.2f s)",
                  update.round, client_id, wire_bytes, received_s, time.perf_counter() - started)
         self._changed()
 
-    def heartbeat(self, client_id: str, activity: str) -> pb.HeartbeatReply:
+    def heartbeat(self, client_id: str, activity: str) -> HeartbeatAnswer:
         """Liveness only: a client has heard DONE when a pull told it (its heartbeat thread may be
         answered while its main loop still waits to reconnect)."""
         self.touch(client_id, activity or None)
-        return pb.HeartbeatReply(current_round=self.view.round, done=self.done_reason is not None)
+        return HeartbeatAnswer(round=self.current_round, done=self.done_reason is not None)
 
     async def leave(self, client_id: str, reason: str) -> None:
         session = self.touch(client_id, "left")

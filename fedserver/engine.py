@@ -1,7 +1,9 @@
 """The round engine: the server half of a run, independent of how messages travel.
 
 `fedsim` drives it with in-process virtual clients; the gRPC server drives it with real ones.
-Both therefore run the very same strategy objects, validation and metrics.
+Both therefore run the very same strategy objects, the same decision whether an upload is
+acceptable (`check_upload`), the same validation and metrics. Its `RoundState` is the only record
+of the round in progress: a transport reads it, it never keeps a copy.
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ from pathlib import Path
 
 from fedtune.fedserver.metrics import MetricsLog, RoundMetrics
 from fedtune.protos.convert import wire_size
-from fedtune.strategies.api import ClientUpdate, Instruction, InvalidUpdate, ServerStrategy, Workspace
+from fedtune.strategies.api import (
+    ClientUpdate,
+    Instruction,
+    InvalidUpdate,
+    Refusal,
+    Refused,
+    ServerStrategy,
+    Workspace,
+)
 from fedtune.tasks.data import TokenDataset
 from fedtune.tasks.evaluation import EvalResult, evaluate
 
@@ -23,15 +33,24 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RoundState:
-    """What the engine knows about the round in progress."""
+    """What the engine knows about the round in progress.
+
+    It is written only on the one thread that drives the engine. fedserver's event loop also reads it
+    while that thread works, through single operations that are atomic against a concurrent insert
+    (`in`, `len`, attribute reads), never by iterating `accepted` or `rejected`.
+    """
 
     round: int
-    selected: list[str]
+    selected: tuple[str, ...]
     started: float
     accepted: dict[str, ClientUpdate] = field(default_factory=dict)
-    rejected: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)  # client id -> why its last reply was invalid
     bytes_down: int = 0
     bytes_up: int = 0
+
+    def stragglers(self) -> list[str]:
+        """Selected clients that sent no reply the strategy saw (neither accepted nor rejected)."""
+        return sorted(set(self.selected) - set(self.accepted) - set(self.rejected))
 
 
 class RoundEngine:
@@ -49,6 +68,7 @@ class RoundEngine:
         self.eval_batch_size = eval_batch_size
         self.metrics = metrics
         self.current: RoundState | None = None
+        self.ended: str | None = None  # why the run ended; no update is taken after it
 
     def evaluate_global(self) -> EvalResult | None:
         if self.eval_data is None:
@@ -70,30 +90,50 @@ class RoundEngine:
 
     def begin_round(self, round: int, available: Sequence[str]) -> dict[str, Instruction]:
         selected = self.strategy.sample_clients(round, available)
-        self.current = RoundState(round=round, selected=selected, started=time.perf_counter())
+        self.current = RoundState(round=round, selected=tuple(selected), started=time.perf_counter())
         instructions = {cid: self.strategy.instruction(round, cid) for cid in selected}
         return instructions
 
-    def count_down(self, instruction: Instruction, size: int | None = None) -> None:
-        """Add one instruction's bytes on the wire (measured here unless the transport measured it)."""
-        assert self.current is not None
-        self.current.bytes_down += wire_size(instruction) if size is None else size
+    def count_down(self, instruction: Instruction, size: int | None = None) -> bool:
+        """Add one delivered instruction's bytes to its round (measured here unless the transport
+        measured them). False when that round is no longer in progress: a transport may finish
+        sending after the round closed."""
+        state = self.current
+        if state is None or state.round != instruction.round:
+            return False
+        state.bytes_down += wire_size(instruction) if size is None else size
+        return True
 
-    def submit(self, update: ClientUpdate, size: int | None = None) -> None:
-        """Accept a valid reply or raise InvalidUpdate; a rejected reply never stops the round."""
+    def check_upload(self, client_id: str, round: int) -> None:
+        """The one decision whether an update from `client_id` for `round` can be taken now; raises
+        Refused saying why not. A transport may ask early (gRPC: on the stream header, before any
+        data); `submit` asks again, since the round may have closed meanwhile."""
+        if self.ended is not None:
+            raise Refused(Refusal.RUN_OVER, "the run is over; no update is taken")
         state = self.current
         if state is None:
-            raise InvalidUpdate(f"update from {update.client_id!r}: no round is in progress")
-        if update.client_id not in state.selected:
-            raise InvalidUpdate(f"update from {update.client_id!r}: client not selected for round {state.round}")
-        if update.client_id in state.accepted:
-            raise InvalidUpdate(f"update from {update.client_id!r}: duplicate upload for round {state.round}")
+            raise Refused(Refusal.NO_ROUND,
+                          f"ClientUpdate.round: {round}, but no round is in progress (it may have closed)")
+        if round != state.round:
+            raise Refused(Refusal.WRONG_ROUND, f"ClientUpdate.round: {round} is not the current round {state.round}")
+        if client_id not in state.selected:
+            raise Refused(Refusal.NOT_SELECTED, f"client {client_id!r} is not selected for round {state.round}")
+        if client_id in state.accepted:
+            raise Refused(Refusal.DUPLICATE,
+                          f"an update from {client_id!r} for round {state.round} was already accepted")
+
+    def submit(self, update: ClientUpdate, size: int | None = None) -> None:
+        """Accept a reply, or raise Refused: `check_upload`'s reasons, or INVALID_UPDATE when the
+        strategy rejects it (counted in the round's `rejected`). A refused reply never stops the round."""
+        self.check_upload(update.client_id, update.round)
+        state = self.current
+        assert state is not None
         try:
             self.strategy.validate_update(update, state.round)
         except InvalidUpdate as error:
             state.rejected[update.client_id] = str(error)
             log.warning("rejected: %s", error)
-            raise
+            raise Refused(Refusal.INVALID_UPDATE, str(error)) from error
         state.accepted[update.client_id] = update
         state.bytes_up += wire_size(update) if size is None else size
 
@@ -125,6 +165,10 @@ class RoundEngine:
         self.metrics.append(metrics)
         self.current = None
         return metrics
+
+    def end_run(self, reason: str) -> None:
+        """No round follows; every later upload is refused with RUN_OVER."""
+        self.ended = reason
 
     def save_global(self, directory: Path) -> None:
         self.strategy.load_global_into(self.workspace)

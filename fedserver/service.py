@@ -1,9 +1,12 @@
-"""The gRPC face of the coordinator (grpc.aio): authentication, message checks, payload streams, statuses.
+"""The gRPC face of the coordinator (grpc.aio): authentication, parsing, payload streams, and mapping.
 
 Requests are parsed here rather than by gRPC, so a message that is not valid protobuf gets
-INVALID_ARGUMENT naming the message type instead of gRPC's generic INTERNAL. Every refusal becomes
-the status the .proto documents; anything unexpected is logged and answered with INTERNAL, and
-the server keeps serving.
+INVALID_ARGUMENT naming the message type instead of gRPC's generic INTERNAL. The coordinator
+decides everything else and answers in transport-neutral terms; this module only maps them: a
+`Refused` reason to the status the .proto documents (`STATUS_CODES`), a `PollAnswer` to a
+`PullStatus`, a `HeartbeatAnswer` to a `HeartbeatReply`. A broken payload stream is refused with
+`PayloadError`, which carries its own status (the payload format is gRPC's alone). Anything
+unexpected is logged and answered with INTERNAL, and the server keeps serving.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from fedtune.fedserver.config import ServerConfig
-from fedtune.fedserver.coordinator import Coordinator, Refusal
+from fedtune.fedserver.coordinator import Coordinator, HeartbeatAnswer, PollAnswer, PollKind
 from fedtune.fedserver.security import TlsFiles, hash_token
 from fedtune.fedserver.store import RunStore
 from fedtune.protos import fedtune_pb2 as pb
@@ -35,10 +38,27 @@ from fedtune.protos.payload import (
     instruction_messages,
     update_from_stream,
 )
-from fedtune.strategies.api import DeviceProfile
+from fedtune.strategies.api import DeviceProfile, Refusal, Refused
 
 log = logging.getLogger(__name__)
 SERVICE = "fedtune.v1.Federation"
+STATUS_CODES: dict[Refusal, grpc.StatusCode] = {
+    Refusal.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Refusal.NOT_REGISTERED: grpc.StatusCode.NOT_FOUND,
+    Refusal.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED,
+    Refusal.NAME_TAKEN: grpc.StatusCode.ALREADY_EXISTS,
+    Refusal.MALFORMED: grpc.StatusCode.INVALID_ARGUMENT,
+    Refusal.INVALID_UPDATE: grpc.StatusCode.INVALID_ARGUMENT,
+    Refusal.UNSUPPORTED: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.RUN_OVER: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.NO_ROUND: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.WRONG_ROUND: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.NOT_SELECTED: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.DUPLICATE: grpc.StatusCode.ALREADY_EXISTS,
+    Refusal.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+PULL_KINDS = {PollKind.INSTRUCTION: pb.PullStatus.INSTRUCTION, PollKind.WAIT: pb.PullStatus.WAIT,
+              PollKind.DONE: pb.PullStatus.DONE}
 
 
 class Malformed:
@@ -48,9 +68,8 @@ class Malformed:
         self.message_type = message_type
         self.error = error
 
-    def refusal(self) -> Refusal:
-        return Refusal(grpc.StatusCode.INVALID_ARGUMENT,
-                       f"{self.message_type.__name__}: not a valid protobuf message ({self.error})")
+    def refusal(self) -> Refused:
+        return Refused(Refusal.MALFORMED, f"{self.message_type.__name__}: not a valid protobuf message ({self.error})")
 
 
 def _lenient(message_type: type[Message]) -> Callable[[bytes], Any]:
@@ -68,12 +87,33 @@ def _parsed(request: Any) -> Any:
     return request
 
 
+def pull_status(answer: PollAnswer) -> pb.PullStatus:
+    return pb.PullStatus(kind=PULL_KINDS[answer.kind], rounds=answer.rounds, round=answer.round, reason=answer.reason,
+                         deadline_unix_ms=int(answer.deadline * 1000),
+                         retry_after_ms=int(answer.retry_after_s * 1000), sits_out=answer.sits_out)
+
+
+def heartbeat_reply(answer: HeartbeatAnswer) -> pb.HeartbeatReply:
+    return pb.HeartbeatReply(current_round=answer.round, done=answer.done)
+
+
+def refusal_status(error: Exception) -> grpc.StatusCode | None:
+    """The status a refusal is answered with; None for an unexpected error."""
+    if isinstance(error, Refused):
+        return STATUS_CODES[error.reason]
+    if isinstance(error, PayloadError):
+        return error.code
+    return None
+
+
 async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
-    if isinstance(error, (Refusal, PayloadError)):
-        log.info("refused %s: %s", error.code.name, error)
-        await context.abort(error.code, str(error))
+    code = refusal_status(error)
+    if code is not None:
+        log.info("refused %s: %s", code.name, error)
+        await context.abort(code, str(error))
     log.exception("internal error", exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (see the server log): {type(error).__name__}: {error}")
+    await context.abort(grpc.StatusCode.INTERNAL,
+                        f"internal error (see the server log): {type(error).__name__}: {error}")
 
 
 def _unary(handler):
@@ -128,8 +168,7 @@ class FederationService:
     def _token_hash(context: grpc.aio.ServicerContext) -> str:
         value = dict(context.invocation_metadata() or ()).get(AUTH_METADATA_KEY, "")
         if not value.startswith("Bearer ") or not value[7:].strip():
-            raise Refusal(grpc.StatusCode.UNAUTHENTICATED,
-                          f"missing metadata `{AUTH_METADATA_KEY}: Bearer <enrollment token>`")
+            raise Refused(Refusal.UNAUTHENTICATED, f"missing metadata `{AUTH_METADATA_KEY}: Bearer <enrollment token>`")
         return hash_token(value[7:].strip())
 
     async def _client(self, context: grpc.aio.ServicerContext) -> str:
@@ -140,7 +179,7 @@ class FederationService:
         token_hash = self._token_hash(context)
         request = _parsed(request)
         if request.protocol_version != PROTOCOL_VERSION:
-            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+            raise Refused(Refusal.UNSUPPORTED,
                           f"RegisterRequest.protocol_version: {request.protocol_version} is not supported; this "
                           f"server speaks {PROTOCOL_VERSION}")
         try:
@@ -148,21 +187,21 @@ class FederationService:
                                     compute_class=request.profile.compute_class or "cpu",
                                     codecs=tuple(request.profile.codecs) or ("none",))
         except ValueError as error:
-            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"RegisterRequest.profile: {error}") from error
+            raise Refused(Refusal.MALFORMED, f"RegisterRequest.profile: {error}") from error
         client_id = await self.coordinator.register(token_hash, request.name, profile)
         server = self.config.server
         return pb.RegisterReply(
             client_id=client_id, run_id=self.coordinator.run_id,
             run_spec_json=self.config.run_spec().model_dump_json(), limits=self.limits.to_proto(),
             heartbeat_interval_ms=int(server.heartbeat_interval_s * 1000), long_poll_ms=int(server.long_poll_s * 1000),
-            current_round=self.coordinator.view.round,
+            current_round=self.coordinator.current_round,
         )
 
     @_unary
     async def heartbeat(self, request, context) -> pb.HeartbeatReply:
         client_id = await self._client(context)
         request = _parsed(request)
-        return self.coordinator.heartbeat(client_id, request.activity[:64])
+        return heartbeat_reply(self.coordinator.heartbeat(client_id, request.activity[:64]))
 
     @_unary
     async def leave(self, request, context) -> pb.LeaveReply:
@@ -175,15 +214,15 @@ class FederationService:
         client_id = await self._client(context)
         request = _parsed(request)
         wait_s = max(request.wait_ms, 0) / 1000
-        status, instruction = await self.coordinator.pull(client_id, wait_s)
-        yield pb.InstructionMessage(status=status)
-        if instruction is None:
+        answer = await self.coordinator.pull(client_id, wait_s)
+        yield pb.InstructionMessage(status=pull_status(answer))
+        if answer.instruction is None:
             return
         wire_bytes = 0
-        for message in instruction_messages(instruction, self.limits.chunk_bytes):
+        for message in instruction_messages(answer.instruction, self.limits.chunk_bytes):
             wire_bytes += message.ByteSize()
             yield message
-        await self.coordinator.instruction_sent(client_id, status.round, wire_bytes)
+        await self.coordinator.instruction_sent(client_id, answer.instruction, wire_bytes)
 
     @_unary
     async def push_update(self, request_iterator, context) -> pb.PushReply:
@@ -198,18 +237,17 @@ class FederationService:
             if reader.header is not None and reader.received == 0 and message.WhichOneof("part") == "header":
                 self._check_header(client_id, reader.header)
         if reader.header is None:
-            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "PushUpdate: empty stream (no header)")
+            raise Refused(Refusal.MALFORMED, "PushUpdate: empty stream (no header)")
         update = update_from_stream(reader)
         await self.coordinator.submit(client_id, update, wire_bytes, received_s=time.perf_counter() - started)
         return pb.PushReply(round=update.round, payload_bytes=reader.received)
 
     def _check_header(self, client_id: str, header: pb.ClientUpdate) -> None:
         if header.client_id != client_id:
-            raise Refusal(grpc.StatusCode.PERMISSION_DENIED,
+            raise Refused(Refusal.FORBIDDEN,
                           f"ClientUpdate.client_id: {header.client_id!r} is not this client's id {client_id!r}")
         if header.num_examples < 1:
-            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"ClientUpdate.num_examples: {header.num_examples}, must be at least 1")
+            raise Refused(Refusal.MALFORMED, f"ClientUpdate.num_examples: {header.num_examples}, must be at least 1")
         self.coordinator.check_upload(client_id, header.round)
 
 
@@ -250,8 +288,9 @@ async def serve(config: ServerConfig, store: RunStore, resume: bool, announce: C
     await server.start()
     progress = (f"round {coordinator.next_round} of {config.rounds}" if coordinator.next_round <= config.rounds
                 else f"all {config.rounds} rounds already done")  # a resumed finished run: clients hear DONE
-    announce(f"listening on {config.server.host}:{port} ({'plaintext, --insecure' if config.server.insecure else 'TLS'}), "
-             f"run {coordinator.run_id[:8]}, {config.strategy}, {progress}")
+    security = "plaintext, --insecure" if config.server.insecure else "TLS"
+    announce(f"listening on {config.server.host}:{port} ({security}), run {coordinator.run_id[:8]}, {config.strategy}, "
+             f"{progress}")
     run = asyncio.ensure_future(coordinator.run())
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

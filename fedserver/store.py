@@ -233,9 +233,9 @@ class RunStore:
         ).fetchall():
             header = pb.ClientUpdate.FromString(header_bytes)
             tensors = {}
-            rows = self.db.execute("SELECT idx, data FROM update_tensors WHERE round = ? AND client_id = ? "
+            rows = self.db.execute("SELECT data FROM update_tensors WHERE round = ? AND client_id = ? "
                                    "ORDER BY idx", (round, client_id))
-            for (index, data), spec in zip(rows, header.tensors, strict=True):
+            for (data,), spec in zip(rows, header.tensors, strict=True):
                 tensor = torch.empty(tuple(spec.shape), dtype=DTYPES[spec.dtype])
                 tensor.reshape(-1).view(torch.uint8).numpy()[:] = memoryview(data)
                 tensors[spec.name] = tensor

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -26,7 +25,6 @@ from fedtune.strategies.api import ClientUpdate, Instruction, TensorMap
 
 MiB = 1 << 20
 PROTOCOL_VERSION = 1
-CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 AUTH_METADATA_KEY = "authorization"
 ProgressCallback = Callable[[int, int], None]  # (bytes so far, total bytes)
 
@@ -81,7 +79,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's wire bytes (C order, little-endian) as a view of its own memory, no copy."""
     _require_little_endian()
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 
 
 def header_tensor(name: str, tensor: torch.Tensor) -> pb.Tensor:

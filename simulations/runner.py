@@ -22,7 +22,7 @@ from fedtune.protos.convert import instruction_from_proto, instruction_to_proto,
 from fedtune.simulations.channel import Channel
 from fedtune.simulations.config import ConfigError, SimulationConfig
 from fedtune.simulations.workers import WorkerPool, run_clients
-from fedtune.strategies.api import ClientStrategy, Instruction, InvalidUpdate, RunContext, ServerStrategy, Workspace
+from fedtune.strategies.api import ClientStrategy, Instruction, Refused, RunContext, ServerStrategy, Workspace
 from fedtune.strategies.registry import resolve
 from fedtune.tasks.data import FederatedData, prepare_federated_data
 from fedtune.tasks.models import load_model
@@ -67,7 +67,8 @@ def run_round(federation: Federation, engine: RoundEngine, round: int, pool: Wor
 
     Decoded messages pass through the configured channel (noise, loss: a lost instruction means the
     client sits the round out, a lost update is never submitted); every client that did not train
-    this round gets its strategy's `idle` hook. Local work runs here or, given a `pool`, in its
+    this round gets its strategy's `idle` hook. Updates are taken or refused by the same decision
+    (`RoundEngine.submit`) as fedserver's. Local work runs here or, given a `pool`, in its
     workers; updates are submitted in client-id order either way.
     """
     channel = Channel(federation.config.channel, federation.config.seed)
@@ -85,7 +86,7 @@ def run_round(federation: Federation, engine: RoundEngine, round: int, pool: Wor
         outcomes = pool.run(round, received)
     for client_id in sorted(outcomes):
         outcome = outcomes.pop(client_id)  # drop each encoded update once decoded: one copy per client, not two
-        if outcome.retired is not None:
+        if outcome.update is None:
             federation.retired.add(client_id)
             log.warning("fedsim: %s", outcome.retired)
             continue
@@ -95,7 +96,7 @@ def run_round(federation: Federation, engine: RoundEngine, round: int, pool: Wor
             continue
         try:
             engine.submit(delivered, encoded_update.ByteSize())
-        except InvalidUpdate:
+        except Refused:  # left out of the round, which goes on
             continue
     return engine.finish_round()
 

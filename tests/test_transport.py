@@ -41,6 +41,7 @@ from fedtune.strategies.api import ClientUpdate
 from fedtune.strategies.dp import epsilon_of
 from fedtune.tasks.data import load_records, partition, split_holdout
 
+pytestmark = pytest.mark.e2e  # real server and client processes on loopback sockets
 BIN = Path(sys.executable).parent
 # Each case is a run config's differences from run_config(): every built-in strategy, and each
 # wrapper (DP at both levels, a codec) around a LoRA strategy. Noise is seeded so that fedsim's
@@ -163,7 +164,7 @@ class Server:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            raise AssertionError(f"fedserver did not finish in {timeout} s:\n{self.output()[-4000:]}")
+            raise AssertionError(f"fedserver did not finish in {timeout} s:\n{self.output()[-4000:]}") from None
 
     def metrics(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -204,8 +205,8 @@ def start_server(tmp: Path, config: dict[str, Any], server: dict[str, Any], resu
 def start_client(server: Server, tmp: Path, name: str, data: Path, token: str | None) -> subprocess.Popen:
     security = ["--ca", str(server.run_dir / "tls" / "ca.pem")] if server.tls else ["--insecure"]
     command = [str(BIN / "fedclient"), "join", "--server", server.address, "--data", str(data), "--name", name,
-               "--state", str(tmp / f"{name}.state"), "--give-up-after", "120", "--max-backoff", "2", "--quiet", *security,
-               *(["--token", token] if token else [])]
+               "--state", str(tmp / f"{name}.state"), "--give-up-after", "120", "--max-backoff", "2", "--quiet",
+               *security, *(["--token", token] if token else [])]
     process = subprocess.Popen(command, stdout=(tmp / f"{name}.log").open("a"), stderr=subprocess.STDOUT, env=ENV)
     _started.append(process)
     return process
@@ -260,12 +261,14 @@ def test_server_and_three_clients_give_fedsims_global_model(case: str, tmp_path:
     tokens = init_run(tmp_path / "run", len(CLIENTS))
     files = write_partitions(config, tmp_path)
     server = start_server(tmp_path, config, {"min_clients": 3})
-    clients = [start_client(server, tmp_path, cid, files[cid], token) for cid, token in zip(CLIENTS, tokens, strict=False)]
+    clients = [start_client(server, tmp_path, cid, files[cid], token)
+               for cid, token in zip(CLIENTS, tokens, strict=False)]
     want = fedsim_run(config, tmp_path / "fedsim")  # computed while the devices train
     finish(clients, tmp_path)
     assert server.wait(60) == 0, server.output()[-3000:]
     rows = server.metrics()
-    assert [(row["round"], row["clients"], row.get("stragglers", 0)) for row in rows] == [(0, 0, 0), (1, 3, 0), (2, 3, 0)]
+    assert [(row["round"], row["clients"], row.get("stragglers", 0)) for row in rows] == [
+        (0, 0, 0), (1, 3, 0), (2, 3, 0)]
     fedsim_rows = want.metrics
     assert [row.get("epsilon") for row in rows] == [row.get("epsilon") for row in fedsim_rows]
     assert ("dp" in config) == (rows[-1].get("epsilon", 0) > 0)  # a DP run is accounted for, over gRPC too
@@ -304,7 +307,8 @@ def test_killed_client_round_closes_on_quorum_and_the_client_is_scheduled_again(
     files = write_partitions(config, tmp_path)
     server = start_server(tmp_path, config, {"min_clients": 3, "quorum": 0.6, "round_deadline_s": 6.0,
                                              "client_timeout_s": 4.0})
-    survivors = [start_client(server, tmp_path, cid, files[cid], token) for cid, token in zip(CLIENTS[:2], tokens, strict=False)]
+    survivors = [start_client(server, tmp_path, cid, files[cid], token)
+                 for cid, token in zip(CLIENTS[:2], tokens, strict=False)]
     wait_until(lambda: len(stored(server.run_dir, RunStore.clients)) == 2, 120, "two clients", server)
     # The victim registers last, so round 1 starts selecting it while it is still building its model.
     victim = start_client(server, tmp_path, "client-002", files["client-002"], tokens[2])
@@ -332,7 +336,8 @@ def test_killed_server_resumes_and_ends_with_an_unbroken_runs_model(case: str, t
     files = write_partitions(config, tmp_path)
     port = free_port()
     server = start_server(tmp_path, config, {"min_clients": 3}, port=port)
-    others = [start_client(server, tmp_path, cid, files[cid], token) for cid, token in zip(CLIENTS[:2], tokens, strict=False)]
+    others = [start_client(server, tmp_path, cid, files[cid], token)
+              for cid, token in zip(CLIENTS[:2], tokens, strict=False)]
     me = in_process_client(server, tmp_path, "client-002", files["client-002"], tokens[2])
     me.register()
     assert me.push(me.train(pull_instruction(me, 1)))
@@ -370,7 +375,8 @@ def test_clients_that_spend_their_privacy_budget_retire_and_the_server_ends_the_
                     "epsilon": (one_round + two_rounds) / 2, "noise_seed": 7}
     tokens = init_run(tmp_path / "run", len(CLIENTS))
     server = start_server(tmp_path, config, {"min_clients": 3, "linger_s": 0})
-    clients = [start_client(server, tmp_path, cid, files[cid], token) for cid, token in zip(CLIENTS, tokens, strict=False)]
+    clients = [start_client(server, tmp_path, cid, files[cid], token)
+               for cid, token in zip(CLIENTS, tokens, strict=False)]
     finish(clients, tmp_path)
     assert server.wait(60) == 0, server.output()[-3000:]
     assert "every enrolled client has left (e.g. retired: " in server.output()
@@ -464,8 +470,10 @@ def test_each_bad_input_gets_its_status_and_the_round_goes_on(guarded_server):
          lambda: push(valid.model_copy(update={"client_id": "client-good"}))),
         (grpc.StatusCode.INVALID_ARGUMENT, r"missing tensor\(s\) \['" + first.replace(".", r"\."),
          lambda: push(valid.model_copy(update={"tensors": {k: v for k, v in valid.tensors.items() if k != first}}))),
-        (grpc.StatusCode.INVALID_ARGUMENT, r"unexpected tensor\(s\) \['bogus'\]", lambda: push(changed(bogus=torch.ones(1)))),
-        (grpc.StatusCode.INVALID_ARGUMENT, rf"tensor '{first}' has shape \(5, 5\)", lambda: push(changed(**{first: torch.ones(5, 5)}))),
+        (grpc.StatusCode.INVALID_ARGUMENT, r"unexpected tensor\(s\) \['bogus'\]",
+         lambda: push(changed(bogus=torch.ones(1)))),
+        (grpc.StatusCode.INVALID_ARGUMENT, rf"tensor '{first}' has shape \(5, 5\)",
+         lambda: push(changed(**{first: torch.ones(5, 5)}))),
         (grpc.StatusCode.INVALID_ARGUMENT, rf"tensor '{first}' has dtype torch.float64",
          lambda: push(changed(**{first: valid.tensors[first].double()}))),
         (grpc.StatusCode.INVALID_ARGUMENT, rf"tensor '{first}' holds NaN or Inf",
@@ -476,7 +484,8 @@ def test_each_bad_input_gets_its_status_and_the_round_goes_on(guarded_server):
          lambda: push(messages=list(update_messages(valid, 32 * 1024)))),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, r"larger than max",
          lambda: push(messages=[whole[0], pb.UpdateMessage(data=b"\0" * 300 * 1024)])),
-        (grpc.StatusCode.DATA_LOSS, r"truncated: it ended after \d+ of \d+ payload bytes", lambda: push(messages=whole[:-2])),
+        (grpc.StatusCode.DATA_LOSS, r"truncated: it ended after \d+ of \d+ payload bytes",
+         lambda: push(messages=whole[:-2])),
         (grpc.StatusCode.DATA_LOSS, r"sha256: the payload's digest .* does not match", lambda: push(messages=damaged)),
         (grpc.StatusCode.INVALID_ARGUMENT, r"first message must be `header`, got `data`",
          lambda: push(messages=whole[1:])),
