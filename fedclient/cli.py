@@ -1,6 +1,8 @@
 """`fedclient join --server HOST:PORT --data PATH [--token T] [--ca CA.pem | --insecure] [--model PATH]`:
 take part in a fedtune federation from this device, with its own data."""
 
+# Only light modules are imported up front (grpc, torch and rich load when a client joins), so
+# `--help` and `--version` answer at once.
 from __future__ import annotations
 
 import argparse
@@ -9,35 +11,39 @@ import sys
 import warnings
 from pathlib import Path
 
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-from fedtune.fedclient.connection import ConnectionSettings, FatalError
+from fedtune.strategies.cli_options import add_version_option
 
 MiB = 1 << 20
+GIVE_UP_AFTER_S = 300.0  # an unreachable server is a mistake to report soon, not an outage to ride out for hours
+MAX_BACKOFF_S = 10.0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedclient", description=__doc__)
+    add_version_option(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     join = commands.add_parser("join", help="join a run and train until it ends")
     join.add_argument("--server", required=True, help="HOST:PORT of the fedserver")
     join.add_argument("--data", type=Path, required=True,
-                      help="this device's examples (jsonl/json/csv/tsv or a folder)")
+                      help="this device's examples (jsonl/json/csv/tsv or a folder), or builtin:ops to try a run: "
+                           "the whole built-in task (4,000 examples, all four families), the same on every client")
     join.add_argument("--token", help="enrollment token (from the server operator); remembered in the state file")
     join.add_argument("--token-file", type=Path, help="read the token from this file instead")
     join.add_argument("--ca", type=Path, help="the run's CA certificate (PEM), to verify the server")
     join.add_argument("--insecure", action="store_true", help="plaintext gRPC (only for a server started --insecure)")
     join.add_argument("--model", help="local base model directory, when the server's model.path is not valid here")
     join.add_argument("--name", default="", help="client id to ask for on first registration (e.g. client-000)")
-    join.add_argument("--state", type=Path, help="local state file (default ~/.fedtune/client-HOST-PORT[-NAME].pt)")
+    join.add_argument("--state", type=Path, help="local state file (default: one per client identity, "
+                                                 "~/.fedtune/client-HOST-PORT-NAME.pt, or -device-HASH.pt after the "
+                                                 "token when there is no --name)")
     join.add_argument("--compute-class", default="cpu", help="device class reported to the server (cpu, gpu, phone)")
     join.add_argument("--memory-mb", type=int, default=0, help="usable memory reported to the server (0 = unknown)")
     join.add_argument("--codecs", help="comma-separated update codecs this device offers (default: all it has)")
-    join.add_argument("--give-up-after", type=float, default=3600.0,
-                      help="seconds without reaching the server before giving up (default 3600)")
-    join.add_argument("--max-backoff", type=float, default=10.0, help="longest wait between retries, seconds")
+    join.add_argument("--give-up-after", type=float, default=GIVE_UP_AFTER_S,
+                      help=f"seconds without reaching the server before giving up (default {GIVE_UP_AFTER_S:.0f}: "
+                           f"{GIVE_UP_AFTER_S / 60:.0f} minutes); raise it to ride out long server outages")
+    join.add_argument("--max-backoff", type=float, default=MAX_BACKOFF_S,
+                      help=f"longest wait between retries, seconds (default {MAX_BACKOFF_S:.0f})")
     join.add_argument("--max-message-bytes", type=int, default=64 * MiB, help="largest gRPC message accepted")
     join.add_argument("--quiet", action="store_true", help="no progress display")
     args = parser.parse_args(argv)
@@ -46,6 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     token = args.token
     if args.token_file is not None:
         token = args.token_file.read_text().strip()
+    return _join(args, token)
+
+
+def _join(args: argparse.Namespace, token: str | None) -> int:
+    from rich.console import Console
+    from rich.logging import RichHandler
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from fedtune.fedclient.connection import ConnectionSettings, FatalError
+
     console = Console(stderr=True)
     interactive = console.is_terminal and not args.quiet
     logging.basicConfig(level=logging.INFO,
@@ -55,19 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # raised inside peft
 
     from fedtune.fedclient.client import ClientSettings, FederatedClient, Reporter
+    from fedtune.fedclient.state import default_state_file
     from fedtune.strategies.api import DeviceProfile
     from fedtune.strategies.codecs import SUPPORTED_CODECS
 
-    host_port = args.server.replace(":", "-")
-    state_file = args.state or Path.home() / ".fedtune" / f"client-{host_port}{'-' + args.name if args.name else ''}.pt"
-    codecs = tuple(c.strip() for c in args.codecs.split(",")) if args.codecs else SUPPORTED_CODECS
-    settings = ClientSettings(
-        connection=ConnectionSettings(server=args.server, token=token, ca=args.ca, insecure=args.insecure,
-                                      max_message_bytes=args.max_message_bytes, give_up_after_s=args.give_up_after,
-                                      max_backoff_s=args.max_backoff),
-        data=args.data, state_file=state_file, name=args.name, model_path=args.model,
-        profile=DeviceProfile(memory_mb=args.memory_mb, compute_class=args.compute_class, codecs=codecs),
-    )
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                         TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
                         disable=not interactive)
@@ -92,7 +99,16 @@ def main(argv: list[str] | None = None) -> int:
                     progress.remove_task(task)
             return update
 
+    codecs = tuple(c.strip() for c in args.codecs.split(",")) if args.codecs else SUPPORTED_CODECS
     try:
+        state_file = args.state or default_state_file(args.server, args.name, token, Path.home())
+        settings = ClientSettings(
+            connection=ConnectionSettings(server=args.server, token=token, ca=args.ca, insecure=args.insecure,
+                                          max_message_bytes=args.max_message_bytes,
+                                          give_up_after_s=args.give_up_after, max_backoff_s=args.max_backoff),
+            data=args.data, state_file=state_file, name=args.name, model_path=args.model,
+            profile=DeviceProfile(memory_mb=args.memory_mb, compute_class=args.compute_class, codecs=codecs),
+        )
         with progress:
             client = FederatedClient(settings, RichReporter())
             reason = client.run()

@@ -38,8 +38,8 @@ class ConnectionSettings:
     ca: Path | None
     insecure: bool
     max_message_bytes: int
-    give_up_after_s: float = 3600.0
-    max_backoff_s: float = 10.0
+    give_up_after_s: float  # the command line's default: fedclient.cli.GIVE_UP_AFTER_S
+    max_backoff_s: float
 
 
 def describe(error: grpc.RpcError) -> str:
@@ -98,7 +98,8 @@ class Connection:
                 first_failure = first_failure or now
                 if now - first_failure > self.settings.give_up_after_s:
                     raise FatalError(f"{what}: server {self.settings.server} unreachable for "
-                                     f"{now - first_failure:.0f} s; giving up ({describe(error)})") from error
+                                     f"{now - first_failure:.0f} s, giving up (is it running, and is that its "
+                                     f"address? --give-up-after sets the wait): {describe(error)}") from error
                 delay = random.uniform(0, min(self.settings.max_backoff_s, 0.5 * 2 ** attempt))
                 if attempt == 0 or attempt % 5 == 0:
                     log.warning("%s: %s; retrying (backoff up to %.1f s)", what, describe(error),

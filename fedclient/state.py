@@ -7,6 +7,7 @@ state, and re-sends (rather than recomputes) an update the server may not have r
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,33 @@ from typing import Any
 
 import torch
 
+from fedtune.fedclient.connection import FatalError
 from fedtune.strategies.api import ClientUpdate
+
+
+def default_state_file(server: str, name: str, token: str | None, home: Path) -> Path:
+    """Where a client keeps its state unless `--state` says: one file per client identity, so several
+    clients on one host, with one home directory, never share (and clobber) one.
+
+    The identity is the name the client asks for, else its enrollment token, as the short hash the
+    server names an unnamed client by (`device-<sha256[:12]>`, so the file name shows the client id).
+    A client given neither (a rejoin relying on the token kept in its state) takes the one state file
+    this home holds for the server.
+    """
+    directory = home / ".fedtune"
+    stem = f"client-{server.replace(':', '-')}"
+    if name:
+        return directory / f"{stem}-{name}.pt"
+    if token:
+        return directory / f"{stem}-device-{hashlib.sha256(token.encode()).hexdigest()[:12]}.pt"
+    existing = sorted({*directory.glob(f"{stem}.pt"), *directory.glob(f"{stem}-*.pt")})
+    if len(existing) == 1:
+        return existing[0]
+    if not existing:
+        raise FatalError(f"no enrollment token for {server}: pass --token or --token-file (from the server operator)")
+    raise FatalError(f"{len(existing)} client state files for {server} in {directory} "
+                     f"({', '.join(path.name for path in existing)}): pass --name or --token to say which client "
+                     "this is, or --state FILE")
 
 
 @dataclass

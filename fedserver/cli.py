@@ -3,7 +3,14 @@
   fedserver init   --run-dir DIR --clients N [--host NAME ...]   CA, server certificate, enrollment tokens
   fedserver start  --config server.toml [--resume] [--insecure]   serve every round (same strategies as fedsim)
   fedserver status --run-dir DIR [--json]                         the run's state, from its SQLite file
+  fedserver config [--config server.toml]                         the config `start` would use, commented
+
+`start` and `config` take `--set SECTION.FIELD=VALUE` overrides. The server listens on every
+interface (0.0.0.0) unless `server.host` (or `start --host`) names one, e.g. 127.0.0.1.
 """
+
+# Only light modules are imported up front (torch, grpc and the config models load when a command
+# needs them), so `--help` and `--version` answer at once.
 
 from __future__ import annotations
 
@@ -15,12 +22,13 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedtune.fedserver.config import ServerConfig
-from fedtune.fedserver.security import TlsFiles, create_tls, hash_token, new_token, write_tokens
-from fedtune.fedserver.store import RunStore
-from fedtune.strategies.runconfig import ConfigError, load_run_config, parse_run_config
+from fedtune.strategies import catalog
+from fedtune.strategies.cli_options import add_set_option, add_version_option
+
+if TYPE_CHECKING:
+    from fedtune.fedserver.config import ServerConfig
 
 STATE_FILE = "state.sqlite"
 TOKENS_FILE = "enrollment-tokens.txt"
@@ -33,6 +41,7 @@ class UsageError(Exception):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedserver", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_option(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     init = commands.add_parser("init", help="create the run's CA, server certificate and client enrollment tokens")
     init.add_argument("--run-dir", type=Path, required=True)
@@ -41,22 +50,35 @@ def main(argv: list[str] | None = None) -> int:
                       help="server name or IP for the certificate (repeatable; localhost and 127.0.0.1 always)")
     init.add_argument("--tokens-out", type=Path, help=f"where plaintext tokens go (default RUN_DIR/{TOKENS_FILE})")
     init.add_argument("--new-tls", action="store_true", help="replace an existing CA and server certificate")
-    start = commands.add_parser("start", help="serve a run (fresh, or --resume after a stop or crash)")
+    start = commands.add_parser(
+        "start", help="serve a run (fresh, or --resume after a stop or crash)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"{catalog.listing()}\n\nEvery config section and field, with its default and meaning: "
+               "`fedserver config`.")
     start.add_argument("--config", type=Path, help="server TOML (optional with --resume: the stored config is used)")
     start.add_argument("--run-dir", type=Path, help="override server.run_dir")
     start.add_argument("--port", type=int, help="override server.port (0 = any free port)")
-    start.add_argument("--host", help="override server.host")
+    start.add_argument("--host", help="override server.host (default 0.0.0.0: every interface; 127.0.0.1: this "
+                                      "machine only)")
     start.add_argument("--insecure", action="store_true", help="plaintext gRPC, no TLS (local runs only)")
     start.add_argument("--resume", action="store_true", help="continue the run in the run dir")
+    add_set_option(start)
+    config = commands.add_parser("config", help="print the config `start` would use, every field commented, as TOML")
+    config.add_argument("--config", type=Path, help="server TOML (default: every default)")
+    add_set_option(config)
     status = commands.add_parser("status", help="print the run's state")
     status.add_argument("--run-dir", type=Path, required=True)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
+    from fedtune.strategies.runconfig import ConfigError
+
     try:
         if args.command == "init":
             return _init(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "config":
+            return _config(args)
         return _start(args)
     except (UsageError, ConfigError, FileNotFoundError) as error:
         print(f"fedserver: {error}", file=sys.stderr)
@@ -64,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _init(args: argparse.Namespace) -> int:
+    from fedtune.fedserver.security import TlsFiles, create_tls, hash_token, new_token, write_tokens
+    from fedtune.fedserver.store import RunStore
+
     if args.clients < 0:
         raise UsageError("--clients must be at least 0")
     run_dir: Path = args.run_dir
@@ -83,7 +108,19 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace) -> int:
+    from fedtune.fedserver.config import ServerConfig
+    from fedtune.strategies.config_toml import commented_toml
+    from fedtune.strategies.runconfig import load_run_config
+
+    print(commented_toml(load_run_config(ServerConfig, args.config, None, args.set)), end="")
+    return 0
+
+
 def _start_config(args: argparse.Namespace) -> ServerConfig:
+    from fedtune.fedserver.config import ServerConfig
+    from fedtune.strategies.runconfig import load_run_config, parse_run_config
+
     overrides: dict[str, Any] = {}
     if args.run_dir is not None:
         overrides["run_dir"] = str(args.run_dir.resolve())
@@ -94,16 +131,20 @@ def _start_config(args: argparse.Namespace) -> ServerConfig:
     if args.insecure:
         overrides["insecure"] = True
     if args.config is not None:
-        return load_run_config(ServerConfig, args.config, overrides)
+        return load_run_config(ServerConfig, args.config, overrides, args.set)
     if not args.resume:
         raise UsageError("start: --config is required (it may be left out only with --resume)")
     if args.run_dir is None:
         raise UsageError("start --resume without --config needs --run-dir")
     stored = _stored_config(args.run_dir / STATE_FILE)
-    return parse_run_config(ServerConfig, json.loads(stored.model_dump_json()), "stored config", None, overrides)
+    return parse_run_config(ServerConfig, json.loads(stored.model_dump_json()), "stored config", None, overrides,
+                            args.set)
 
 
 def _stored_config(path: Path) -> ServerConfig:
+    from fedtune.fedserver.config import ServerConfig
+    from fedtune.fedserver.store import RunStore
+
     if not path.exists():
         raise UsageError(f"{path.parent}: no run state here (nothing to resume)")
     store = RunStore(path, readonly=True)
@@ -115,6 +156,8 @@ def _stored_config(path: Path) -> ServerConfig:
 
 
 def _start(args: argparse.Namespace) -> int:
+    from fedtune.fedserver.store import RunStore
+
     config = _start_config(args)
     run_dir = config.run_dir()
     state = run_dir / STATE_FILE
@@ -157,6 +200,9 @@ def _configure_logging() -> None:
 
 def status_report(run_dir: Path) -> dict[str, Any]:
     """The run's state as stored (client activity is flushed every few seconds)."""
+    from fedtune.fedserver.config import ServerConfig
+    from fedtune.fedserver.store import RunStore
+
     store = RunStore(run_dir / STATE_FILE, readonly=True)
     try:
         raw = store.get_meta("config")

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import tomllib
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 from pydantic import Field, ValidationError, create_model, model_validator
 
+from fedtune.strategies import fedbuff
 from fedtune.strategies.api import RunContext, StrategyConfig, StrategyDefinition
 from fedtune.strategies.registry import WRAPPER_MODULES, resolve, validate_run_options
 from fedtune.tasks.config import PartitionConfig, TaskConfig, format_validation_error, resolve_path
@@ -50,6 +51,11 @@ class RunFields(TaskConfig):
     def context(self) -> RunContext:
         return RunContext(seed=self.seed, rounds=self.rounds, train=self.train, model_kind=self.model.kind)
 
+    def asynchronous_mode(self) -> fedbuff.Config | None:
+        """The `[asynchronous]` section (FedBuff rounds), or None for synchronous rounds."""
+        section = self.wrappers().get("asynchronous")
+        return None if section is None else fedbuff.Config.model_validate(section)
+
 
 def with_wrapper_sections(base: type[RunFields]) -> type[RunFields]:
     """`base` plus one optional top-level table per registered wrapper: adding a wrapper adds its section."""
@@ -77,6 +83,7 @@ class RunConfig(_RunFieldsWithWrapperSections):
     @model_validator(mode="after")
     def _strategy_and_wrappers(self) -> Self:
         self.strategy_config()
+        self.definition()  # a wrapper that cannot wrap this strategy (e.g. [asynchronous] over fedkseed) says so here
         return self
 
     def wrappers(self) -> WrapperSections:
@@ -101,22 +108,33 @@ ConfigT = TypeVar("ConfigT", bound=RunConfig)
 
 
 def load_run_config(config_class: type[ConfigT], path: Path | None,
-                    overrides: Mapping[str, Any] | None = None) -> ConfigT:
-    """Read and validate a TOML config file (None: every default) into `config_class`."""
+                    overrides: Mapping[str, Any] | None = None, assignments: Sequence[str] = ()) -> ConfigT:
+    """Read and validate a TOML config file (None: every default) into `config_class`.
+
+    `assignments` are `--set SECTION.FIELD=VALUE` strings from the command line, merged into the file's
+    tables before validation, so an error names the field; see `parse_run_config`.
+    """
     if path is None:
-        return parse_run_config(config_class, {}, "defaults", None, overrides)
+        return parse_run_config(config_class, {}, "defaults", None, overrides, assignments)
     try:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as error:
         raise ConfigError(f"{path}: no such file") from error
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from error
-    return parse_run_config(config_class, raw, str(path), Path(path).resolve().parent, overrides)
+    return parse_run_config(config_class, raw, str(path), Path(path).resolve().parent, overrides, assignments)
 
 
 def parse_run_config(config_class: type[ConfigT], raw: Mapping[str, Any], source: str, base_dir: Path | None,
-                     overrides: Mapping[str, Any] | None = None) -> ConfigT:
-    """Validate `raw` (from `source`), with `overrides` in the class's OVERRIDES_SECTION, and resolve its paths."""
+                     overrides: Mapping[str, Any] | None = None, assignments: Sequence[str] = ()) -> ConfigT:
+    """Validate `raw` (from `source`) and resolve its paths.
+
+    `assignments` (`--set`) are applied first, at any depth; `overrides` (a command's dedicated flags, such
+    as `--rounds` or `--port`) then replace keys of the class's OVERRIDES_SECTION, so a flag wins.
+    """
+    if assignments:
+        raw = with_assignments(raw, assignments)
+        source = f"{source} with --set {' '.join(assignments)}"
     if overrides:
         section = config_class.OVERRIDES_SECTION
         raw = {**raw, **overrides} if section is None else {**raw, section: {**raw.get(section, {}), **overrides}}
@@ -125,3 +143,33 @@ def parse_run_config(config_class: type[ConfigT], raw: Mapping[str, Any], source
     except ValidationError as error:
         raise ConfigError(f"{source}: invalid config\n{format_validation_error(error)}") from error
     return config.with_resolved_paths(base_dir)
+
+
+def parse_assignment(text: str) -> tuple[tuple[str, ...], Any]:
+    """One `--set SECTION.FIELD=VALUE` as (key path, value).
+
+    The value is read as a TOML value (`5`, `1e-3`, `true`, `"ffa_lora"`, `["q_proj", "v_proj"]`); what is
+    not valid TOML is taken as a string, so `--set strategy=ffa_lora` works once the shell has eaten quotes.
+    """
+    key, equals, value = text.partition("=")
+    path = tuple(part.strip() for part in key.split("."))
+    if not equals or not all(path):
+        raise ConfigError(f"--set {text!r}: expected SECTION.FIELD=VALUE, e.g. --set train.local_steps=5")
+    try:
+        return path, tomllib.loads(f"value = {value.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        return path, value.strip()
+
+
+def with_assignments(raw: Mapping[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
+    """`raw` with each `--set` applied in order (tables on the way are created or copied, never mutated)."""
+    merged = dict(raw)
+    for text in assignments:
+        path, value = parse_assignment(text)
+        table = merged
+        for part in path[:-1]:
+            inner = table.get(part)
+            table[part] = dict(inner) if isinstance(inner, Mapping) else {}
+            table = table[part]
+        table[path[-1]] = value
+    return merged
