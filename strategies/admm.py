@@ -9,7 +9,7 @@ round (one download, one upload); the server keeps every client's latest upload,
 clients contribute their stale one; unscheduled clients may keep updating locally (`continual`).
 
 This module's generalisation to adapter fine-tuning (docs/algorithms.md §4.6, NOT in the paper):
-  - the exact WLS solve becomes `train.local_steps` optimizer steps on
+  - the exact WLS solve becomes the round's local work (`train.local_steps`, or `local_epochs`) on
     F_k(θ) = f_k(θ) + ⟨λ_k, θ − θ̃⟩ + (ρ/2)‖θ − θ̃‖² over the LoRA (+ head) tensors, θ̃ the one
     received global adapter, warm-started at the client's own θ_k (or at θ̃);
   - `dual = "eliminated"` (paper-style): λ_k = −ĝ_k(θ_k), a minibatch gradient estimate at the
@@ -55,7 +55,7 @@ from fedtune.strategies.peft_lora import LoraOptions, LoraWorkspace
 from fedtune.strategies.registry import register
 from fedtune.tasks.data import TokenDataset
 from fedtune.tasks.models import ModelBundle
-from fedtune.tasks.training import train_steps
+from fedtune.tasks.training import LocalWork, local_batches, train_steps
 
 DualMode = Literal["eliminated", "stored", "none"]
 
@@ -148,7 +148,7 @@ class AdmmClient(ClientStrategy[AdmmConfig, LoraWorkspace]):
         received = _clone(instruction.tensors)
         start = self.local if self.config.warm_start == "local" and self.local is not None else received
         with self.seeded(instruction.round):
-            loss = self._local_solve(workspace, start, received, data, instruction.round)
+            work = self._local_solve(workspace, start, received, data, instruction.round)
             upload = self._upload(workspace, data, instruction.round)
         self.received = received
         return ClientUpdate(
@@ -156,7 +156,7 @@ class AdmmClient(ClientStrategy[AdmmConfig, LoraWorkspace]):
             round=instruction.round,
             num_examples=len(data),
             tensors=upload,
-            metrics={"train_loss": loss},
+            metrics=work.metrics(),
         )
 
     def idle(self, workspace: LoraWorkspace, round: int, data: TokenDataset) -> None:
@@ -168,8 +168,8 @@ class AdmmClient(ClientStrategy[AdmmConfig, LoraWorkspace]):
 
     def _local_solve(
         self, workspace: LoraWorkspace, start: TensorMap, target: TensorMap, data: TokenDataset, round: int
-    ) -> float:
-        """`local_steps` optimizer steps on F_k from `start` towards `target`; returns the mean task loss."""
+    ) -> LocalWork:
+        """The round's local steps on F_k from `start` towards `target`; returns the mean task loss and steps."""
         names = list(target)
         params = workspace.parameters_for(names)
         if self.config.dual == "eliminated":  # λ_k = −ĝ_k at the client's own adapter θ_k (§4.6 step 1)
@@ -181,16 +181,16 @@ class AdmmClient(ClientStrategy[AdmmConfig, LoraWorkspace]):
             dual = None
         workspace.set_tensors(start)
         train = self.context.train
-        batches = data.train_batches(train.local_steps, train.batch_size, self.batch_generator(round))
+        batches = local_batches(data, train, self.batch_generator(round))
         duals = None if dual is None else [dual[name] for name in names]
         extra = admm_penalty(params, [target[name] for name in names], duals, self.config.rho)
-        loss = train_steps(workspace.model, params, batches, train, extra_loss=extra)
+        work = train_steps(workspace.model, params, batches, train, extra_loss=extra)
         self.local = workspace.get_tensors(names)
         if self.config.dual == "stored":
             assert dual is not None
             rho = self.config.rho
             self.dual = {name: dual[name] + rho * (self.local[name] - target[name]) for name in names}
-        return loss
+        return work
 
     def _upload(self, workspace: LoraWorkspace, data: TokenDataset, round: int) -> TensorMap:
         """u_k = θ_k + λ_k/ρ, with λ_k re-estimated at θ_k (eliminated) or the stored dual."""
@@ -281,5 +281,7 @@ DEFINITION = register(
         client=AdmmClient,
         build_workspace=build_workspace,
         summary="Noise-robust ADMM (dual eliminated, one noisy download per round) over LoRA, after arXiv:2409.13451.",
+        async_unsupported="its clients keep updating between rounds against the last download (the idle step), "
+                          "which assumes synchronous rounds",
     )
 )

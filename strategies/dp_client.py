@@ -79,6 +79,11 @@ class ClientLevelServer(ServerWrapper[C, W]):
 
     def __init__(self, inner: ServerStrategy[C, W], dp: Config, strategy: str):
         super().__init__(inner)
+        if dp.clipping_norm is not None and getattr(inner.config, "step_normalization", "none") != "none":
+            raise ValueError(
+                "dp: client-level DP averages the clipped updates with weight 1/m and hands the inner strategy one "
+                "noised mean, so options.step_normalization has no per-client steps to normalise; leave it 'none'"
+            )
         self.dp = dp
         self.strategy = strategy
         self.accountant = RDPAccountant()

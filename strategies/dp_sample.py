@@ -8,9 +8,13 @@ gradient. DP-SGD replaces the inner client's local loop through its `TrainsLocal
 half still loads the instruction and builds the update; a strategy without that seam (fedkseed's
 zeroth-order steps, admm's penalised local solve) is refused when its client half is built.
 
-Each client keeps its own RDP accountant (steps = local steps × rounds it trained), reports
-`epsilon` and `delta` with every update, and retires (`ClientRetired`) before a round whose steps
-would exceed its budget; the server checks each reported ε and reports the largest so far.
+Each client keeps its own RDP accountant, reports `epsilon`, `delta` and `local_steps` with every
+update, and retires (`ClientRetired`) before a round whose steps would exceed its budget; the server
+checks each reported ε and reports the largest so far. A round's planned steps are
+`training.planned_steps` of the client's own data size (with `train.local_epochs` they differ between
+clients). The accountant counts only the steps that ran (opacus' step hook records each one), while the
+budget check before a round and the calibration of z assume the full planned steps: when
+`train.max_local_seconds` cuts a round short, the ε reported is the true one and the checks stay conservative.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from fedtune.strategies.api import (
 from fedtune.strategies.dp import Config, DpClientWrapper, calibrated_noise_multiplier, epsilon_of, private_generator
 from fedtune.strategies.wrappers import ServerWrapper
 from fedtune.tasks.data import IGNORE_INDEX, TokenDataset
-from fedtune.tasks.training import make_optimizer, train_steps
+from fedtune.tasks.training import LOCAL_STEPS, make_optimizer, planned_steps, train_steps
 
 
 @dataclass
@@ -117,21 +121,26 @@ class SampleLevelClient(DpClientWrapper[C, W]):
     def sample_rate(self, data: TokenDataset) -> float:
         return min(1.0, self.context.train.batch_size / len(data))
 
-    def current_noise_multiplier(self, rate: float) -> float:
-        """z as configured, or calibrated once so the planned rounds × local steps stay within the budget."""
+    def current_noise_multiplier(self, data: TokenDataset) -> float:
+        """z as configured, or calibrated once so the planned rounds × this client's planned steps per round
+        stay within the budget."""
         if self.noise_multiplier is None:
             assert self.dp.epsilon is not None
+            steps = self.context.rounds * planned_steps(len(data), self.context.train)
             self.noise_multiplier = calibrated_noise_multiplier(
-                self.dp.epsilon, self.dp.delta, rate, self.context.rounds * self.context.train.local_steps
+                self.dp.epsilon, self.dp.delta, self.sample_rate(data), steps
             )
         return self.noise_multiplier
 
     def epsilon(self) -> float:
         return epsilon_of(self.accountant.history, self.dp.delta)
 
+    def accounted_steps(self) -> int:
+        return sum(steps for _, _, steps in self.accountant.history)
+
     def fit(self, workspace: W, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
         rate = self.sample_rate(data)
-        planned = (self.current_noise_multiplier(rate), rate, self.context.train.local_steps)
+        planned = (self.current_noise_multiplier(data), rate, planned_steps(len(data), self.context.train))
         if self.dp.epsilon is not None:
             spent = epsilon_of([*self.accountant.history, planned], self.dp.delta)
             if spent > self.dp.epsilon:
@@ -139,8 +148,10 @@ class SampleLevelClient(DpClientWrapper[C, W]):
                     f"client {self.client_id!r}: round {instruction.round} would bring its epsilon to {spent:.4f} > "
                     f"budget dp.epsilon = {self.dp.epsilon}; it retires with epsilon {self.epsilon():.4f}"
                 )
+        before = self.accounted_steps()
         update = self.inner.fit(workspace, instruction, data)
-        metrics = {**update.metrics, "epsilon": self.epsilon(), "delta": self.dp.delta}
+        metrics = {**update.metrics, LOCAL_STEPS: float(self.accounted_steps() - before), "epsilon": self.epsilon(),
+                   "delta": self.dp.delta}
         return update.model_copy(update={"metrics": metrics})
 
     def train_privately(self, model: nn.Module, params: list[nn.Parameter], data: TokenDataset, round: int) -> float:
@@ -150,7 +161,7 @@ class SampleLevelClient(DpClientWrapper[C, W]):
         rate = self.sample_rate(data)
         optimizer = DPOptimizer(
             make_optimizer(params, train),
-            noise_multiplier=self.current_noise_multiplier(rate),
+            noise_multiplier=self.current_noise_multiplier(data),
             max_grad_norm=self.dp.clipping_norm,
             expected_batch_size=min(train.batch_size, len(data)),
             generator=private_generator(self.dp.noise_seed, "dp-sgd-noise", self.client_id, round),
@@ -165,8 +176,8 @@ class SampleLevelClient(DpClientWrapper[C, W]):
             with warnings.catch_warnings():
                 # The frozen embeddings need no input gradients; torch warns once per module about it.
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                return train_steps(private_model, params, poisson_batches(data, sampler, train.local_steps), train,
-                                   optimizer=optimizer)
+                batches = poisson_batches(data, sampler, planned_steps(len(data), train))
+                return train_steps(private_model, params, batches, train, optimizer=optimizer).loss
         finally:
             optimizer.zero_grad(set_to_none=True)
             private_model._close()

@@ -80,6 +80,7 @@ from fedtune.strategies.registry import register
 from fedtune.tasks.config import TrainConfig
 from fedtune.tasks.data import TokenDataset
 from fedtune.tasks.models import ModelBundle, load_model
+from fedtune.tasks.training import LOCAL_STEPS, TimeBudget, local_batches, planned_steps, planned_work
 
 SEED_INDEX = "seed_index"
 SCALAR_GRAD = "scalar_grad"
@@ -89,8 +90,8 @@ CHECKPOINT_PREFIX = "checkpoint/"
 
 class FedKSeedConfig(StrategyConfig):
     """FedKSeed knobs; η, τ and the batch size are `train.learning_rate/local_steps/batch_size`
-    (the reference: η = 3e-7, τ = 200, batch 1). Local training is always zeroth-order SGD, so
-    `train.optimizer` is not used."""
+    (the reference: η = 3e-7, τ = 200, batch 1; τ may also come from `train.local_epochs`). Local training is
+    always zeroth-order SGD, so `train.optimizer` is not used."""
 
     seed_pool_size: int = Field(4096, ge=1, le=2**31 - 1, description="K, the number of candidate seeds.")
     eps: float = Field(5e-4, gt=0, description="Perturbation scale ε (reference zo_eps).")
@@ -312,10 +313,12 @@ class FedKSeedServer(ServerStrategy[FedKSeedConfig, SeedWorkspace]):
             raise InvalidUpdate(
                 f"{origin}: tensor {SEED_INDEX!r} has {index.numel()} entries but {SCALAR_GRAD!r} has {value.numel()}"
             )
-        steps = self.context.train.local_steps
-        if index.numel() > steps:
+        # At most one pair per step; with local_epochs the steps follow the client's own (reported) data size.
+        # A client overstating num_examples gains no unbounded upload: indices are distinct and below K.
+        if index.numel() > planned_steps(update.num_examples, self.context.train):
             raise InvalidUpdate(
-                f"{origin}: tensor {SEED_INDEX!r} holds {index.numel()} pairs, more than train.local_steps={steps}"
+                f"{origin}: tensor {SEED_INDEX!r} holds {index.numel()} pairs, more than "
+                f"{planned_work(update.num_examples, self.context.train)}"
             )
         if index.numel() == 0:
             return
@@ -403,21 +406,26 @@ class FedKSeedClient(ClientStrategy[FedKSeedConfig, SeedWorkspace]):
     def fit(self, workspace: SeedWorkspace, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
         self.synchronize(workspace, instruction)
         train = self.context.train
-        batches = data.train_batches(train.local_steps, train.batch_size, self.batch_generator(instruction.round))
-        indices = self.draw_seeds(instruction, train.local_steps, self.seed_generator(instruction.round))
+        batches = local_batches(data, train, self.batch_generator(instruction.round))
+        indices = self.draw_seeds(instruction, planned_steps(len(data), train), self.seed_generator(instruction.round))
         accumulated: dict[int, float] = {}
         losses: list[float] = []
+        steps = 0
+        budget = TimeBudget(train.max_local_seconds)
         workspace.begin_local()
         for index, batch in zip(indices, batches, strict=False):
             step = zeroth_order_step(
                 workspace.parameters, workspace.pool[index], self.config.eps, train.learning_rate,
                 partial(batch_loss, workspace.model, batch), self.config.loss_diff_clip,
             )
+            steps += 1
             if step is not None:
                 accumulated[index] = accumulated.get(index, 0.0) + step.scalar_grad
                 losses.append(step.loss)
+            if budget.spent():
+                break
         order = sorted(accumulated)
-        metrics = {"skipped_steps": float(train.local_steps - len(losses))}
+        metrics = {LOCAL_STEPS: float(steps), "skipped_steps": float(steps - len(losses))}
         if losses:
             metrics["train_loss"] = sum(losses) / len(losses)
         return ClientUpdate(
@@ -444,5 +452,7 @@ DEFINITION = register(
         client=FedKSeedClient,
         build_workspace=build_workspace,
         summary="FedKSeed(-Pro): full-parameter zeroth-order tuning; only (seed, scalar) pairs travel.",
+        async_unsupported="its updates are scalar gradients along the round's shared seeds, replayed in order on "
+                          "every client, not model states that could be rebased",
     )
 )

@@ -84,5 +84,6 @@ DEFINITION = register(
         client=FfaLoraClient,
         build_workspace=build_workspace,
         summary="FFA-LoRA: A frozen and shared from the run seed; only B is trained and sent.",
+        async_unsupported=None,  # FedAvg over B: stale B's rebase like any tensor (A never changes)
     )
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -53,15 +53,43 @@ class PartitionConfig(StrictModel):
     min_examples: int = Field(1, ge=1, description="Every client gets at least this many examples.")
 
 
-class TrainConfig(StrictModel):
-    """Local training hyperparameters shared by the gradient-based strategies."""
+DEFAULT_LOCAL_STEPS = 20
 
-    local_steps: int = Field(20, ge=1, description="Optimizer steps per client per round.")
+
+class TrainConfig(StrictModel):
+    """Local training hyperparameters shared by the gradient-based strategies.
+
+    Local work per round is stated as steps or as epochs over the client's own data (exactly one; steps
+    = 20 when neither is given), optionally cut short by a wall-clock budget on the device.
+    """
+
+    local_steps: int | None = Field(
+        None, ge=1, description=f"Optimizer steps per client per round ({DEFAULT_LOCAL_STEPS} without local_epochs)."
+    )
+    local_epochs: int | None = Field(
+        None, ge=1, description="Passes over the client's own data per round (the last partial batch kept)."
+    )
+    max_local_seconds: float | None = Field(
+        None, gt=0, description="Wall-clock budget per round on the device; at least one step always runs."
+    )
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(5e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     eval_batch_size: int = Field(64, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_unit_of_work(cls, data: Any) -> Any:
+        """Steps or epochs, never both; neither means today's default steps, so old configs keep their meaning."""
+        if not isinstance(data, dict):
+            return data
+        steps, epochs = data.get("local_steps"), data.get("local_epochs")
+        if steps is not None and epochs is not None:
+            raise ValueError("local_steps and local_epochs are both set; set only one of them")
+        if steps is None and epochs is None:
+            return {**data, "local_steps": DEFAULT_LOCAL_STEPS}
+        return data
 
 
 def resolve_path(value: str, base_dir: Path | None) -> str:

@@ -186,6 +186,19 @@ class TokenDataset:
             chosen, order = order[:batch_size], order[batch_size:]
             yield self.collate([self.examples[i] for i in chosen])
 
+    def epoch_batches(
+        self, epochs: int, batch_size: int, generator: torch.Generator
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """`epochs` passes, each one seeded permutation cut into consecutive batches, the last partial one kept.
+
+        Each pass draws its permutation from `generator` as `train_batches` does, so when `batch_size`
+        divides the data size, E epochs are exactly the batches of E·n/batch_size steps.
+        """
+        for _ in range(epochs):
+            order = torch.randperm(len(self.examples), generator=generator).tolist()
+            for start in range(0, len(order), batch_size):
+                yield self.collate([self.examples[i] for i in order[start : start + batch_size]])
+
     def eval_batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         for start in range(0, len(self.examples), batch_size):
             yield self.collate(self.examples[start : start + batch_size])

@@ -162,7 +162,7 @@ def test_admm_learns_through_fedsim_over_noisy_links(tmp_path):
     assert history[-1].eval_loss < history[0].eval_loss - 0.1
     instruction = build_federation(config).server.instruction(1, "client-000")
     update = ClientUpdate(client_id="client-000", round=1, num_examples=1, tensors=instruction.tensors,
-                          metrics={"train_loss": 1.0})
+                          metrics={"train_loss": 1.0, "local_steps": 5.0})
     for metrics in history[1:]:
         assert metrics.clients == 2
         assert metrics.bytes_down == 2 * instruction_to_proto(instruction).ByteSize()

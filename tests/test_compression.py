@@ -260,11 +260,11 @@ def test_config_errors_name_the_compression_field(tmp_path):
 # --- fedsim end to end -------------------------------------------------------------------------
 
 def plain_update_size(federation: Federation, client_id: str, round: int) -> int:
-    """Protobuf bytes of an uncompressed reply (sizes do not depend on the float values)."""
+    """Protobuf bytes of an uncompressed reply with a real reply's metrics (sizes do not depend on the float values)."""
     specs = federation.server.inner.update_specs()
     update = ClientUpdate(client_id=client_id, round=round, num_examples=len(federation.data.clients[client_id]),
                           tensors={n: torch.zeros(s.shape, dtype=s.dtype) for n, s in specs.items()},
-                          metrics={"train_loss": 1.0})
+                          metrics={"train_loss": 1.0, "local_steps": 1.0})
     return wire_size(update)
 
 
@@ -274,7 +274,7 @@ def int8_update_size(federation: Federation, client_id: str, round: int, block_s
     tensors = {n + ENCODED_SUFFIX: torch.zeros(encoded_size("int8", s.shape, block_size), dtype=torch.uint8)
                for n, s in specs.items()}
     update = ClientUpdate(client_id=client_id, round=round, num_examples=len(federation.data.clients[client_id]),
-                          tensors=tensors, metrics={"train_loss": 1.0})
+                          tensors=tensors, metrics={"train_loss": 1.0, "local_steps": 1.0})
     return wire_size(update)
 
 
@@ -298,11 +298,11 @@ def test_fedsim_devices_section_negotiates_per_client(tmp_path):
     path.write_text(
         'strategy = "fedavg_lora"\n'
         '[compression]\ncodec = "int8"\nby_compute_class = { phone = "topk_ternary" }\n'
-        '[devices.client-001]\ncompute_class = "phone"\ncodecs = ["none", "topk_ternary"]\n'
-        '[devices.client-002]\ncodecs = ["none"]\n'
+        '[devices.clients.client-001]\ncompute_class = "phone"\ncodecs = ["none", "topk_ternary"]\n'
+        '[devices.clients.client-002]\ncodecs = ["none"]\n'
     )
     federation = build_federation(load_config(path))
     server = federation.server
     assert [server.codec_for(cid) for cid in sorted(federation.clients)] == ["int8", "topk_ternary", "none", "int8"]
     with pytest.raises(ValueError, match="devices.*'client-999'"):
-        build_federation(load_config(path, {"devices": {"client-999": {}}}))
+        build_federation(load_config(path, {"devices": {"clients": {"client-999": {}}}}))
