@@ -13,6 +13,12 @@ the quorum is in -> `finish_round` (clients that never replied are counted as st
 checkpoint (atomic) and commit the new strategy state. A resumed server continues after the last
 committed round and replays the interrupted round's stored updates.
 
+Asynchronous rounds (`[asynchronous]`, strategies.fedbuff): nobody is selected up front; a polling
+client that is free gets the current global model (`RoundEngine.dispatch`, at most `concurrency` at
+once, each handout persisted so a restarted server still takes the update), and the round closes once
+`buffer_size` updates are in, whatever their staleness. A client whose update went into the buffer
+waits for the next round before it gets new work.
+
 Threads: every engine (hence strategy) and SQLite call runs on one worker thread (`_call`), in
 order, so the event loop never blocks on aggregation, evaluation or disk and the strategy is never
 touched by two threads. The round has one state, the engine's `RoundState`, written only on that
@@ -52,7 +58,8 @@ T = TypeVar("T")
 KEPT_CHECKPOINTS = 2
 HOUSEKEEPING_S = 2.0
 CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-ROUND_MOVED_ON = frozenset({Refusal.RUN_OVER, Refusal.NO_ROUND, Refusal.WRONG_ROUND, Refusal.NOT_SELECTED})
+ROUND_MOVED_ON = frozenset({Refusal.RUN_OVER, Refusal.NO_ROUND, Refusal.WRONG_ROUND, Refusal.NOT_SELECTED,
+                            Refusal.STALE})
 """Refusals that, when an upload is committed after its header was accepted, mean the round closed meanwhile."""
 
 
@@ -103,7 +110,7 @@ class OpenRound:
 
     state: RoundState
     deadline: float  # wall clock, as persisted
-    instructions: dict[str, Instruction]
+    instructions: dict[str, Instruction]  # asynchronous mode: the work handed out so far (any round still held)
 
 
 def eval_dataset(config: ServerConfig, tokenizer) -> TokenDataset:
@@ -127,7 +134,7 @@ def build_engine(config: ServerConfig) -> RoundEngine:
     strategy = definition.server(strategy_config, context)
     strategy.initialize(workspace)
     return RoundEngine(strategy, workspace, eval_dataset(config, bundle.tokenizer), config.train.eval_batch_size,
-                       MetricsLog(config.run_dir()))
+                       MetricsLog(config.run_dir()), config.asynchronous_mode())
 
 
 class Coordinator:
@@ -228,6 +235,7 @@ class Coordinator:
         strategy.load_state_dict(saved)
         self.engine.metrics.truncate(last)
         self.next_round = last + 1
+        self.engine.outstanding.update(self.store.handouts())  # asynchronous work still being done
         interrupted = next((r for r in self.store.rounds() if r.round == last + 1 and r.status == "running"), None)
         if interrupted is None:
             return
@@ -244,8 +252,11 @@ class Coordinator:
             except Refused as refused:
                 log.warning("resume: stored update no longer valid, dropped: %s", refused)
         self.open_round = OpenRound(state, interrupted.deadline, instructions)
-        log.info("resume: round %d continues with %d of %d updates already accepted", interrupted.round,
-                 len(state.accepted), len(instructions))
+        if self.engine.asynchronous is not None:
+            log.info("resume: round %d continues with %d buffered update(s)", interrupted.round, len(state.accepted))
+        else:
+            log.info("resume: round %d continues with %d of %d updates already accepted", interrupted.round,
+                     len(state.accepted), len(instructions))
 
     # -- the round loop ---------------------------------------------------------------------
 
@@ -304,17 +315,30 @@ class Coordinator:
     async def _begin_round(self, round: int) -> None:
         available = self.live_clients()
         deadline = time.time() + self.config.server.round_deadline_s
-
-        def begin() -> OpenRound:
-            instructions = self.engine.begin_round(round, available)
-            self.store.begin_round(round, available, sorted(instructions), deadline)
-            assert self.engine.current is not None
-            return OpenRound(self.engine.current, deadline, instructions)
-
-        self.open_round = await self._call(begin)
+        self.open_round = await self._call(self._open_round, round, available, deadline, {})
         log.info("round %d: %d of %d live clients selected", round, len(self.open_round.instructions),
                  len(available))
         self._round_changed()
+
+    def _open_round(self, round: int, available: list[str], deadline: float,
+                    handed_out: dict[str, Instruction]) -> OpenRound:
+        """Begin `round` in the engine and the store (engine thread); `handed_out`: asynchronous work
+        from earlier rounds that clients are still doing, re-sent if a client polls for it again."""
+        instructions = {**handed_out, **self.engine.begin_round(round, available)}
+        state = self.engine.current
+        assert state is not None
+        self.store.begin_round(round, available, sorted(state.selected), deadline)
+        return OpenRound(state, deadline, instructions)
+
+    def _next_asynchronous_round(self, finished: OpenRound) -> OpenRound | None:
+        """Asynchronous mode: open the next round in the same engine step that closed `finished`, so an
+        update that arrives in between is never refused for want of an open round (engine thread)."""
+        round = finished.state.round + 1
+        if self.engine.asynchronous is None or round > self.config.rounds or self.engine.strategy.stop_reason(round):
+            return None
+        held = {cid: instruction for cid, instruction in finished.instructions.items()
+                if self.engine.outstanding.get(cid) == instruction.round}
+        return self._open_round(round, [], time.time() + self.config.server.round_deadline_s, held)
 
     def quorum(self) -> int:
         """Accepted updates that close the open round once its deadline has passed."""
@@ -325,6 +349,8 @@ class Coordinator:
         """Every selected client has been accepted or has left; or the deadline has passed and the
         quorum is in. (A client whose update was invalid may still send a valid one.)"""
         assert self.open_round is not None
+        if self.engine.asynchronous is not None:
+            return self.engine.buffer_full()
         state = self.open_round.state
         awaited = [cid for cid in state.selected if cid not in state.accepted and self.sessions[cid].left is None]
         return not awaited or (now >= self.open_round.deadline and len(state.accepted) >= self.quorum())
@@ -333,27 +359,31 @@ class Coordinator:
         assert self.open_round is not None
         state, deadline = self.open_round.state, self.open_round.deadline
         while not self.round_can_close(now := time.time()):
-            self.waiting_for = (f"round {state.round}: {len(state.accepted)} of {len(state.selected)} updates in "
-                                f"(quorum {self.quorum()})")
+            if self.engine.asynchronous is not None:
+                self.waiting_for = (f"round {state.round}: {len(state.accepted)} of "
+                                    f"{self.engine.asynchronous.buffer_size} buffered updates in")
+            else:
+                self.waiting_for = (f"round {state.round}: {len(state.accepted)} of {len(state.selected)} updates in "
+                                    f"(quorum {self.quorum()})")
             await self._wait(deadline - now if now < deadline else HOUSEKEEPING_S)
 
     async def _finish_round(self) -> None:
-        assert self.open_round is not None
-        state = self.open_round.state
+        finished = self.open_round
+        assert finished is not None
+        state = finished.state
 
-        def finish() -> tuple[RoundMetrics, list[str]]:
+        def finish() -> tuple[RoundMetrics, list[str], OpenRound | None]:
             stragglers = state.stragglers()
             metrics = self.engine.finish_round({"selected": len(state.selected), "stragglers": len(stragglers)})
             self._checkpoint(state.round)
             self.store.complete_round(state.round, self.engine.strategy.state_dict(), metrics.model_dump(),
                                       sorted(state.accepted))
-            return metrics, stragglers
+            return metrics, stragglers, self._next_asynchronous_round(finished)
 
-        metrics, stragglers = await self._call(finish)
+        metrics, stragglers, self.open_round = await self._call(finish)
         log.info("round %d done: %d updates, %d stragglers %s, eval loss %s", state.round, metrics.clients,
                  len(stragglers), stragglers, metrics.eval_loss)
         self.next_round = state.round + 1
-        self.open_round = None
         self._round_changed()
 
     def _checkpoint(self, round: int) -> None:
@@ -453,6 +483,8 @@ class Coordinator:
         if open_round is None:
             return PollAnswer(PollKind.WAIT, rounds, reason=self.waiting_for)
         state = open_round.state
+        if self.engine.asynchronous is not None:
+            return self._asynchronous_answer(client_id, open_round)
         if client_id not in state.selected:
             return PollAnswer(PollKind.WAIT, rounds, round=state.round, sits_out=True,
                               reason=f"round {state.round} runs without this client")
@@ -462,6 +494,42 @@ class Coordinator:
         return PollAnswer(PollKind.INSTRUCTION, rounds, round=state.round, deadline=open_round.deadline,
                           instruction=open_round.instructions[client_id])
 
+    def _asynchronous_answer(self, client_id: str, open_round: OpenRound) -> PollAnswer:
+        rounds, state, mode = self.config.rounds, open_round.state, self.engine.asynchronous
+        assert mode is not None
+        held = open_round.instructions.get(client_id)
+        if held is not None and self.engine.outstanding.get(client_id) == held.round:
+            return PollAnswer(PollKind.INSTRUCTION, rounds, round=held.round, deadline=open_round.deadline,
+                              instruction=held)
+        if client_id in state.accepted:
+            return PollAnswer(PollKind.WAIT, rounds, round=state.round,
+                              reason=f"update in round {state.round}'s buffer; new work once that round closes")
+        return PollAnswer(PollKind.WAIT, rounds, round=state.round,
+                          reason=f"all asynchronous.concurrency={mode.concurrency} training slots are taken")
+
+    async def _hand_out(self, client_id: str) -> None:
+        """Asynchronous mode: give a free client the current global model if a training slot is open.
+        The slot count and the handout happen on the engine thread, so concurrent polls cannot overfill it."""
+        open_round, mode = self.open_round, self.engine.asynchronous
+        if mode is None or open_round is None or self.sessions[client_id].left is not None:
+            return
+        held = open_round.instructions.get(client_id)
+        if held is not None and self.engine.outstanding.get(client_id) == held.round:
+            return
+        live = set(self.live_clients())
+
+        def hand_out() -> Instruction | None:
+            busy = sum(1 for cid in self.engine.outstanding if cid in live and cid != client_id)
+            if not self.engine.can_dispatch(client_id) or (mode.concurrency is not None and busy >= mode.concurrency):
+                return None
+            instruction = self.engine.dispatch(client_id)
+            self.store.save_handout(client_id, instruction.round)
+            return instruction
+
+        instruction = await self._call(hand_out)
+        if instruction is not None and self.open_round is open_round:
+            open_round.instructions[client_id] = instruction
+
     async def pull(self, client_id: str, wait_s: float) -> PollAnswer:
         """Long poll: the client's instruction, DONE, or WAIT once nothing changed for `wait_s`."""
         session = self.touch(client_id, "polling")
@@ -469,6 +537,7 @@ class Coordinator:
         end = time.monotonic() + min(wait_s, self.config.server.long_poll_s)
         try:
             while True:
+                await self._hand_out(client_id)
                 answer = self.answer(client_id)
                 remaining = end - time.monotonic()
                 if answer.kind is not PollKind.WAIT or remaining <= 0:

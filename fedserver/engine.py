@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fedtune.fedserver.metrics import MetricsLog, RoundMetrics
 from fedtune.protos.convert import wire_size
+from fedtune.strategies import fedbuff
 from fedtune.strategies.api import (
     ClientUpdate,
     Instruction,
@@ -41,12 +42,13 @@ class RoundState:
     """
 
     round: int
-    selected: tuple[str, ...]
+    selected: tuple[str, ...]  # asynchronous mode: empty (work is handed out one client at a time)
     started: float
     accepted: dict[str, ClientUpdate] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)  # client id -> why its last reply was invalid
     bytes_down: int = 0
     bytes_up: int = 0
+    stale: int = 0  # asynchronous mode: updates refused as older than max_staleness
 
     def stragglers(self) -> list[str]:
         """Selected clients that sent no reply the strategy saw (neither accepted nor rejected)."""
@@ -61,8 +63,11 @@ class RoundEngine:
         eval_data: TokenDataset | None,
         eval_batch_size: int,
         metrics: MetricsLog,
+        asynchronous: fedbuff.Config | None = None,
     ):
         self.strategy = strategy
+        self.asynchronous = asynchronous
+        self.outstanding: dict[str, int] = {}  # asynchronous mode: client -> the round of the work it holds
         self.workspace = workspace
         self.eval_data = eval_data
         self.eval_batch_size = eval_batch_size
@@ -89,10 +94,34 @@ class RoundEngine:
         return metrics
 
     def begin_round(self, round: int, available: Sequence[str]) -> dict[str, Instruction]:
-        selected = self.strategy.sample_clients(round, available)
+        """The round's instructions: the strategy samples among `available`. In asynchronous mode
+        nobody is selected up front: a round is filled by updates from work handed out by `dispatch`."""
+        selected = [] if self.asynchronous else self.strategy.sample_clients(round, available)
         self.current = RoundState(round=round, selected=tuple(selected), started=time.perf_counter())
         instructions = {cid: self.strategy.instruction(round, cid) for cid in selected}
         return instructions
+
+    def can_dispatch(self, client_id: str) -> bool:
+        """Asynchronous mode: a client contributes at most one update per aggregation, so that a fast
+        device cannot fill the buffer alone; it gets new work once its update has been aggregated."""
+        state = self.current
+        return self.asynchronous is not None and state is not None and self.ended is None and \
+            client_id not in state.accepted
+
+    def dispatch(self, client_id: str) -> Instruction:
+        """Asynchronous mode: hand `client_id` the current global model (work for the round being filled);
+        it replaces any work the client held before (e.g. an instruction it lost)."""
+        state = self.current
+        assert self.asynchronous is not None and state is not None, "dispatch is for asynchronous rounds"
+        instruction = self.strategy.instruction(state.round, client_id)
+        self.outstanding[client_id] = state.round
+        return instruction
+
+    def buffer_full(self) -> bool:
+        """Asynchronous mode: enough updates are in for an aggregation."""
+        state = self.current
+        return self.asynchronous is not None and state is not None and \
+            len(state.accepted) >= self.asynchronous.buffer_size
 
     def count_down(self, instruction: Instruction, size: int | None = None) -> bool:
         """Add one delivered instruction's bytes to its round (measured here unless the transport
@@ -114,13 +143,26 @@ class RoundEngine:
         if state is None:
             raise Refused(Refusal.NO_ROUND,
                           f"ClientUpdate.round: {round}, but no round is in progress (it may have closed)")
-        if round != state.round:
+        if self.asynchronous is not None:
+            self._check_stale(client_id, round, state, self.asynchronous.max_staleness)
+        elif round != state.round:
             raise Refused(Refusal.WRONG_ROUND, f"ClientUpdate.round: {round} is not the current round {state.round}")
-        if client_id not in state.selected:
+        elif client_id not in state.selected:
             raise Refused(Refusal.NOT_SELECTED, f"client {client_id!r} is not selected for round {state.round}")
         if client_id in state.accepted:
             raise Refused(Refusal.DUPLICATE,
                           f"an update from {client_id!r} for round {state.round} was already accepted")
+
+    def _check_stale(self, client_id: str, round: int, state: RoundState, max_staleness: int) -> None:
+        if self.outstanding.get(client_id) != round:
+            raise Refused(Refusal.NOT_SELECTED, f"ClientUpdate.round: {round}, but client {client_id!r} holds no "
+                                                f"work for round {round}")
+        current = state.round
+        if current - round > max_staleness:
+            state.stale += 1
+            self.outstanding.pop(client_id)
+            raise Refused(Refusal.STALE, f"ClientUpdate.round: {round} is {current - round} rounds older than the "
+                                         f"current round {current}; asynchronous.max_staleness is {max_staleness}")
 
     def submit(self, update: ClientUpdate, size: int | None = None) -> None:
         """Accept a reply, or raise Refused: `check_upload`'s reasons, or INVALID_UPDATE when the
@@ -129,12 +171,13 @@ class RoundEngine:
         state = self.current
         assert state is not None
         try:
-            self.strategy.validate_update(update, state.round)
+            self.strategy.validate_update(update, update.round)  # the round it was computed for (async: may be older)
         except InvalidUpdate as error:
             state.rejected[update.client_id] = str(error)
             log.warning("rejected: %s", error)
             raise Refused(Refusal.INVALID_UPDATE, str(error)) from error
         state.accepted[update.client_id] = update
+        self.outstanding.pop(update.client_id, None)
         state.bytes_up += wire_size(update) if size is None else size
 
     def finish_round(self, extra: Mapping[str, float] | None = None) -> RoundMetrics:
@@ -158,6 +201,7 @@ class RoundEngine:
             bytes_up=state.bytes_up,
             bytes_down=state.bytes_down,
             rejected=len(state.rejected),
+            **({"stale_refused": state.stale} if self.asynchronous else {}),
             seconds=round(time.perf_counter() - state.started, 3),
             **self.strategy.round_metrics(),
             **(extra or {}),

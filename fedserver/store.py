@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS strategy_state (round INTEGER PRIMARY KEY, state BLOB
 CREATE TABLE IF NOT EXISTS updates (
     round INTEGER NOT NULL, client_id TEXT NOT NULL, seq INTEGER NOT NULL, header BLOB NOT NULL,
     wire_bytes INTEGER NOT NULL, PRIMARY KEY (round, client_id));
+CREATE TABLE IF NOT EXISTS handouts (client_id TEXT PRIMARY KEY, round INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS update_tensors (
     round INTEGER NOT NULL, client_id TEXT NOT NULL, idx INTEGER NOT NULL, data BLOB NOT NULL,
     PRIMARY KEY (round, client_id, idx));
@@ -213,7 +214,7 @@ class RunStore:
             metrics=dict(update.metrics),
         )
         with self.transaction() as db:
-            seq = db.execute("SELECT COUNT(*) FROM updates WHERE round = ?", (update.round,)).fetchone()[0]
+            seq = db.execute("SELECT COUNT(*) FROM updates").fetchone()[0]  # all of the open round's
             db.execute("INSERT INTO updates (round, client_id, seq, header, wire_bytes) VALUES (?, ?, ?, ?, ?)",
                        (update.round, update.client_id, seq, header.SerializeToString(), wire_bytes))
             db.executemany(
@@ -222,19 +223,29 @@ class RunStore:
                  for index, tensor in enumerate(update.tensors.values())),
             )
 
+    def save_handout(self, client_id: str, round: int) -> None:
+        """Asynchronous mode: `client_id` holds work for `round` (replacing any earlier handout)."""
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO handouts (client_id, round) VALUES (?, ?)", (client_id, round))
+
+    def handouts(self) -> dict[str, int]:
+        """Asynchronous mode: the round of the work each client was last handed."""
+        return dict(self.db.execute("SELECT client_id, round FROM handouts"))
+
     def accepted_count(self, round: int) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM updates WHERE round = ?", (round,)).fetchone()[0]
+        return self.db.execute("SELECT COUNT(*) FROM updates WHERE round <= ?", (round,)).fetchone()[0]
 
     def load_updates(self, round: int) -> list[tuple[ClientUpdate, int]]:
-        """The round's accepted updates in acceptance order, with their wire sizes."""
+        """The accepted updates of the open round `round` in acceptance order, with their wire sizes (in
+        asynchronous mode some were computed for earlier rounds, and are stored under those)."""
         loaded = []
         for client_id, header_bytes, wire_bytes in self.db.execute(
-            "SELECT client_id, header, wire_bytes FROM updates WHERE round = ? ORDER BY seq", (round,)
+            "SELECT client_id, header, wire_bytes FROM updates WHERE round <= ? ORDER BY seq", (round,)
         ).fetchall():
             header = pb.ClientUpdate.FromString(header_bytes)
             tensors = {}
             rows = self.db.execute("SELECT data FROM update_tensors WHERE round = ? AND client_id = ? "
-                                   "ORDER BY idx", (round, client_id))
+                                   "ORDER BY idx", (header.round, client_id))
             for (data,), spec in zip(rows, header.tensors, strict=True):
                 tensor = torch.empty(tuple(spec.shape), dtype=DTYPES[spec.dtype])
                 tensor.reshape(-1).view(torch.uint8).numpy()[:] = memoryview(data)

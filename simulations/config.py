@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from pydantic import Field
 
 from fedtune.simulations.channel import ChannelConfig
-from fedtune.strategies.api import DeviceProfile
-from fedtune.strategies.codecs import SUPPORTED_CODECS
+from fedtune.simulations.clock import DevicesConfig, trace_path
 from fedtune.strategies.runconfig import ConfigError, RunConfig, load_run_config
 
-__all__ = ["VIRTUAL_DEVICE", "ConfigError", "SimulationConfig", "load_config"]
-
-VIRTUAL_DEVICE = DeviceProfile(codecs=SUPPORTED_CODECS)
+__all__ = ["ConfigError", "SimulationConfig", "load_config"]
 
 
 class SimulationConfig(RunConfig):
@@ -24,13 +21,18 @@ class SimulationConfig(RunConfig):
         1, ge=1, le=64, description="Processes running clients; >1 forks workers sharing the base model."
     )
     channel: ChannelConfig | None = Field(None, description="Noisy links (fedsim only); see simulations.channel.")
-    devices: dict[str, DeviceProfile] = Field(
-        default_factory=dict, description="Device profiles of virtual clients by id; others get VIRTUAL_DEVICE."
-    )
+    devices: DevicesConfig = Field(
+        default_factory=DevicesConfig, description="Simulated devices: classes, per-client devices, a trace; "
+                                                   "see simulations.clock.")
+    round_deadline_s: float | None = Field(
+        None, gt=0, description="Simulated seconds a synchronous round waits for every selected client; "
+                                "None = no deadline.")
+    quorum: float = Field(1.0, gt=0, le=1, description="Share of the selected clients whose updates close a round "
+                                                        "once its deadline has passed (as fedserver's).")
 
-    def device_profile(self, client_id: str) -> DeviceProfile:
-        """What a virtual client registers with: fedsim's clients run this code, so every codec."""
-        return self.devices.get(client_id, VIRTUAL_DEVICE)
+    def with_resolved_paths(self, base_dir: Path | None) -> Self:
+        config = super().with_resolved_paths(base_dir)
+        return config.model_copy(update={"devices": trace_path(config.devices, base_dir)})
 
 
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> SimulationConfig:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import random
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,26 +23,43 @@ from fedtune.fedserver.metrics import MetricsLog, RoundMetrics
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos.convert import instruction_from_proto, instruction_to_proto, update_from_proto
 from fedtune.simulations.channel import Channel
+from fedtune.simulations.clock import DeviceClock
 from fedtune.simulations.config import ConfigError, SimulationConfig
 from fedtune.simulations.workers import WorkerPool, run_clients
-from fedtune.strategies.api import ClientStrategy, Instruction, Refused, RunContext, ServerStrategy, Workspace
+from fedtune.strategies.api import (
+    ClientStrategy,
+    ClientUpdate,
+    Instruction,
+    Refused,
+    RunContext,
+    ServerStrategy,
+    Workspace,
+)
 from fedtune.strategies.registry import resolve
 from fedtune.tasks.data import FederatedData, prepare_federated_data
 from fedtune.tasks.models import load_model
+from fedtune.tasks.training import planned_steps
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Federation:
-    """Everything a simulated run builds once."""
+    """Everything a simulated run builds once, and the simulated time it has reached."""
 
     config: SimulationConfig
     workspace: Workspace
     server: ServerStrategy
     clients: dict[str, ClientStrategy]
     data: FederatedData
+    clock: DeviceClock
     retired: set[str] = field(default_factory=set)  # clients whose privacy budget is spent
+    now: float = 0.0  # simulated seconds since the run started (simulations.clock)
+
+    def next_online(self, candidates: Iterable[str]) -> float | None:
+        """The earliest simulated time from now at which one of `candidates` is online; None: never again."""
+        times = [when for cid in candidates if (when := self.clock.next_online(cid, self.now)) is not None]
+        return min(times, default=None)
 
 
 def build_federation(config: SimulationConfig) -> Federation:
@@ -50,33 +70,46 @@ def build_federation(config: SimulationConfig) -> Federation:
     data = prepare_federated_data(
         config.data, config.partition, bundle.tokenizer, config.model.kind, config.model.max_length, config.seed
     )
+    try:
+        clock = DeviceClock(config.devices, sorted(data.clients), config.seed)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    mode = config.asynchronous_mode()
+    if mode is not None and mode.buffer_size > len(data.clients):
+        raise ConfigError(f"asynchronous.buffer_size: {mode.buffer_size} updates per aggregation, but the run has "
+                          f"{len(data.clients)} clients and each contributes at most one per aggregation")
     workspace = definition.build_workspace(bundle, strategy_config, context)
     server = definition.server(strategy_config, context)
     server.initialize(workspace)
     clients = {cid: definition.client(strategy_config, context, cid) for cid in data.clients}
     for client_id in clients:
-        server.on_client_registered(client_id, config.device_profile(client_id))
-    unknown = sorted(set(config.devices) - set(clients))
-    if unknown:
-        raise ConfigError(f"devices: unknown client id(s) {unknown}; this run's clients are {sorted(clients)}")
-    return Federation(config, workspace, server, clients, data)
+        server.on_client_registered(client_id, clock.devices[client_id].profile)
+    return Federation(config, workspace, server, clients, data, clock)
 
 
-def run_round(federation: Federation, engine: RoundEngine, round: int, pool: WorkerPool | None = None) -> RoundMetrics:
-    """One round: instructions down, local training, updates up, aggregation, evaluation.
+@dataclass(frozen=True)
+class Reply:
+    """One client's work on the device clock: its update as the server would receive it (None: lost on the
+    way, or the client retired), when its work ends, and whether it arrives (it may go offline first)."""
 
-    Decoded messages pass through the configured channel (noise, loss: a lost instruction means the
-    client sits the round out, a lost update is never submitted); every client that did not train
-    this round gets its strategy's `idle` hook. Updates are taken or refused by the same decision
-    (`RoundEngine.submit`) as fedserver's. Local work runs here or, given a `pool`, in its
-    workers; updates are submitted in client-id order either way.
-    """
-    channel = Channel(federation.config.channel, federation.config.seed)
-    available = [cid for cid in federation.clients if cid not in federation.retired]
+    update: ClientUpdate | None
+    wire_bytes: int
+    done: float  # when the server knows the outcome: the update's arrival, or the client going offline
+    arrives: bool
+
+
+def work(federation: Federation, engine: RoundEngine, channel: Channel, round: int,
+         instructions: Mapping[str, Instruction], pool: WorkerPool | None) -> dict[str, Reply]:
+    """Send `instructions` through the channel, run the clients' local work (here or in the pool's
+    workers) and time each on the device clock from `federation.now`. Every message goes through its
+    protobuf encoding, so bytes and timings are those of the wire."""
+    start = federation.now
     received: dict[str, Instruction] = {}
-    for client_id, instruction in engine.begin_round(round, available).items():
+    bytes_down: dict[str, int] = {}
+    for client_id, instruction in instructions.items():
         encoded_instruction = instruction_to_proto(instruction)
-        engine.count_down(instruction, encoded_instruction.ByteSize())
+        bytes_down[client_id] = encoded_instruction.ByteSize()
+        engine.count_down(instruction, bytes_down[client_id])
         delivered_instruction = channel.downlink(instruction_from_proto(encoded_instruction), client_id)
         if delivered_instruction is not None:
             received[client_id] = delivered_instruction
@@ -84,6 +117,7 @@ def run_round(federation: Federation, engine: RoundEngine, round: int, pool: Wor
         outcomes = run_clients(federation.clients, federation.workspace, federation.data.clients, round, received)
     else:
         outcomes = pool.run(round, received)
+    replies = {cid: Reply(None, 0, start, False) for cid in instructions}  # a lost instruction: no reply
     for client_id in sorted(outcomes):
         outcome = outcomes.pop(client_id)  # drop each encoded update once decoded: one copy per client, not two
         if outcome.update is None:
@@ -91,14 +125,123 @@ def run_round(federation: Federation, engine: RoundEngine, round: int, pool: Wor
             log.warning("fedsim: %s", outcome.retired)
             continue
         encoded_update = pb.ClientUpdate.FromString(outcome.update)
-        delivered = channel.uplink(update_from_proto(encoded_update))
-        if delivered is None:
+        update = update_from_proto(encoded_update)
+        steps = update.metrics.get("local_steps", planned_steps(len(federation.data.clients[client_id]),
+                                                                federation.config.train))
+        finish = start + federation.clock.work_seconds(client_id, start, steps, bytes_down[client_id],
+                                                       encoded_update.ByteSize())
+        offline = federation.clock.online_until(client_id, start)
+        replies[client_id] = Reply(channel.uplink(update), encoded_update.ByteSize(), min(finish, offline),
+                                   arrives=finish <= offline)
+    return replies
+
+
+def close_time(start: float, replies: Mapping[str, Reply], deadline_s: float | None, quorum: float) -> float:
+    """When fedserver's rule would close the round on the simulated clock: once every selected client
+    has replied or gone, or, after the deadline, once the quorum of updates is in."""
+    everyone = max((reply.done for reply in replies.values()), default=start)
+    if deadline_s is None:
+        return everyone
+    arrivals = sorted(reply.done for reply in replies.values() if reply.arrives and reply.update is not None)
+    needed = math.ceil(quorum * len(replies))
+    quorum_at = arrivals[needed - 1] if needed <= len(arrivals) else math.inf
+    return min(everyone, max(start + deadline_s, quorum_at))
+
+
+def submit(engine: RoundEngine, update: ClientUpdate, wire_bytes: int) -> None:
+    """Hand one delivered update to the engine; a refused one is left out and the run goes on."""
+    try:
+        engine.submit(update, wire_bytes)
+    except Refused as refused:
+        log.info("fedsim: update from %s refused: %s", update.client_id, refused)
+
+
+def run_round(federation: Federation, engine: RoundEngine, round: int, pool: WorkerPool | None = None) -> RoundMetrics:
+    """One synchronous round at simulated time `federation.now`: instructions down to the online clients
+    the strategy samples, local work, updates up, aggregation, evaluation.
+
+    Decoded messages pass through the configured channel (noise, loss: a lost instruction means the
+    client sits the round out, a lost update is never submitted); every client that did not train
+    this round gets its strategy's `idle` hook. The round closes on the device clock by fedserver's
+    rule (`close_time`); updates that arrive later are stragglers' and are dropped. Updates are taken
+    or refused by the same decision (`RoundEngine.submit`) as fedserver's, in client-id order.
+    """
+    config = federation.config
+    channel = Channel(config.channel, config.seed)
+    start = federation.now
+    available = [cid for cid in federation.clients
+                 if cid not in federation.retired and federation.clock.online(cid, start)]
+    replies = work(federation, engine, channel, round, engine.begin_round(round, available), pool)
+    closed = close_time(start, replies, config.round_deadline_s, config.quorum)
+    for _, reply in sorted(replies.items()):  # in client-id order, as fedserver replays them
+        if reply.arrives and reply.update is not None and reply.done <= closed:
+            submit(engine, reply.update, reply.wire_bytes)
+    federation.now = closed
+    state = engine.current
+    assert state is not None
+    return engine.finish_round({"selected": len(state.selected), "stragglers": len(state.stragglers()),
+                                "sim_time_s": closed, "sim_round_s": closed - start})
+
+
+def run_synchronous(federation: Federation, engine: RoundEngine, pool: WorkerPool | None,
+                    on_round: Callable[[RoundMetrics], None]) -> str | None:
+    """Rounds 1..rounds, each starting when a client is online; returns why the run stopped early, or None."""
+    for round in range(1, federation.config.rounds + 1):
+        if reason := federation.server.stop_reason(round):
+            return reason
+        remaining = [cid for cid in federation.clients if cid not in federation.retired]
+        if not remaining:
+            return "every client has retired (privacy budget spent)"
+        wake = federation.next_online(remaining)
+        if wake is None:
+            return "no client is online again (devices.trace)"
+        federation.now = wake
+        on_round(run_round(federation, engine, round, pool))
+    return None
+
+
+def run_asynchronous(federation: Federation, engine: RoundEngine, pool: WorkerPool | None,
+                     on_round: Callable[[RoundMetrics], None]) -> str | None:
+    """Buffered asynchronous rounds (strategies.fedbuff) on the device clock: whenever a client is free
+    and online it is handed the current global model (up to `concurrency` at once); updates are taken
+    in the order they arrive on the clock (ties by client id) and every `buffer_size` accepted ones make
+    a round. Returns why the run stopped early, or None."""
+    config, mode = federation.config, engine.asynchronous
+    assert mode is not None
+    channel = Channel(config.channel, config.seed)
+    in_flight: dict[str, Reply] = {}
+    handouts = 0
+    engine.begin_round(1, [])
+    while True:
+        state = engine.current
+        assert state is not None
+        if reason := federation.server.stop_reason(state.round):
+            return reason
+        free = [cid for cid in sorted(federation.clients) if cid not in in_flight and cid not in federation.retired
+                and engine.can_dispatch(cid)]
+        online = [cid for cid in free if federation.clock.online(cid, federation.now)]
+        slots = len(online) if mode.concurrency is None else max(0, mode.concurrency - len(in_flight))
+        if slots and online:
+            chosen = random.Random(f"{config.seed}:handout:{handouts}").sample(online, min(slots, len(online)))
+            handouts += 1
+            instructions = {cid: engine.dispatch(cid) for cid in sorted(chosen)}
+            in_flight.update(work(federation, engine, channel, state.round, instructions, pool))
+        if not in_flight:
+            wake = federation.next_online(free)
+            if wake is None or wake <= federation.now:
+                return f"round {state.round} cannot fill its buffer: no client can take work again"
+            federation.now = wake
             continue
-        try:
-            engine.submit(delivered, encoded_update.ByteSize())
-        except Refused:  # left out of the round, which goes on
-            continue
-    return engine.finish_round()
+        client_id = min(in_flight, key=lambda cid: (in_flight[cid].done, cid))
+        reply = in_flight.pop(client_id)
+        federation.now = reply.done
+        if reply.arrives and reply.update is not None:
+            submit(engine, reply.update, reply.wire_bytes)
+        if engine.buffer_full():
+            on_round(engine.finish_round({"sim_time_s": federation.now}))
+            if state.round == config.rounds:
+                return None
+            engine.begin_round(state.round + 1, [])
 
 
 def run_simulation(config: SimulationConfig, out_dir: Path, show_progress: bool = True) -> list[RoundMetrics]:
@@ -110,23 +253,24 @@ def run_simulation(config: SimulationConfig, out_dir: Path, show_progress: bool 
     pool = None
     if config.workers > 1:
         pool = WorkerPool(federation.clients, federation.workspace, federation.data.clients, config.workers)
-    engine = RoundEngine(
-        federation.server, federation.workspace, federation.data.eval, config.train.eval_batch_size, MetricsLog(out_dir)
-    )
+    engine = RoundEngine(federation.server, federation.workspace, federation.data.eval, config.train.eval_batch_size,
+                         MetricsLog(out_dir), config.asynchronous_mode())
     history = [engine.record_baseline()]
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn())
     with pool or nullcontext(), Progress(*columns, disable=not show_progress) as progress:
         task = progress.add_task(f"fedsim {config.strategy}", total=config.rounds, status=_status(history[-1]))
-        for round in range(1, config.rounds + 1):
-            reason = federation.server.stop_reason(round)
-            if federation.retired and federation.retired == set(federation.clients):
-                reason = "every client has retired (privacy budget spent)"
-            if reason:
-                progress.console.print(f"[yellow]fedsim: stopping before round {round}: {reason}")
-                break
-            history.append(run_round(federation, engine, round, pool))
-            progress.update(task, advance=1, status=_status(history[-1]))
+
+        def on_round(metrics: RoundMetrics) -> None:
+            history.append(metrics)
+            progress.update(task, advance=1, status=_status(metrics))
+
+        if engine.asynchronous is not None:
+            reason = run_asynchronous(federation, engine, pool, on_round)
+        else:
+            reason = run_synchronous(federation, engine, pool, on_round)
+        if reason:
+            progress.console.print(f"[yellow]fedsim: stopping after round {len(history) - 1}: {reason}")
     engine.save_global(out_dir / "global")
     engine.metrics.plot()
     return history

@@ -61,6 +61,7 @@ class Refusal(Enum):
     RUN_OVER = "run_over"  # the run has finished
     NO_ROUND = "no_round"  # no round is in progress (it may have just closed)
     WRONG_ROUND = "wrong_round"  # an update for another round than the current one
+    STALE = "stale"  # asynchronous mode: an update computed on a global model older than max_staleness allows
     NOT_SELECTED = "not_selected"  # the client is not in the current round
     DUPLICATE = "duplicate"  # an update for this round was already accepted
     TOO_LARGE = "too_large"  # a payload over the server's limits
@@ -347,6 +348,13 @@ class StrategyDefinition:
     client: Callable[[Any, RunContext, str], ClientStrategy[Any, Any]]
     build_workspace: Callable[[ModelBundle, Any, RunContext], Workspace]
     summary: str = ""
+    async_unsupported: str | None = "it does not declare that it can aggregate updates computed on older global models"
+    """Why the `[asynchronous]` mode (FedBuff) cannot wrap this strategy; None when it can. A strategy
+    that sets None promises: its server half `HoldsGlobalTensors`, its instruction tensors are those
+    global tensors, and `aggregate` is a weighted mean of client states in their space (fedavg_lora)."""
+    asynchronous: bool = False
+    """Set by the `[asynchronous]` wrapper: updates may have been computed on older global models, which
+    a wrapper applied outside it (DP, compression) must either handle or refuse at config time."""
 
     def parse_config(self, options: Mapping[str, Any]) -> StrategyConfig:
         return self.config.model_validate(dict(options))

@@ -158,6 +158,9 @@ def wrap(definition: StrategyDefinition, config: Config) -> StrategyDefinition:
 
     The registry applies DP before any other wrapper, so the halves it wraps are the strategy's own and
     their seams (`HoldsGlobalTensors`, `TrainsLocally`) are checked on the strategy itself."""
+    if definition.asynchronous:
+        raise ValueError("dp: differential privacy's accounting assumes synchronous sampled rounds; it cannot be "
+                         "combined with the [asynchronous] section")
     # The level modules import this one (Config, accounting), so they are imported on first use.
     from fedtune.strategies import dp_client, dp_sample
 

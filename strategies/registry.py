@@ -32,6 +32,7 @@ BUILTIN_MODULES = {
 # get their top-level sections from it (strategies.runconfig), the run spec its `wrappers`, and a
 # resumed fedserver run the fields it must keep. Modules are imported only when a section is used.
 WRAPPER_MODULES = {
+    "asynchronous": "fedtune.strategies.fedbuff",
     "dp": "fedtune.strategies.dp",
     "compression": "fedtune.strategies.compression",
 }

@@ -20,7 +20,8 @@ CONFIGS = [SimulationConfig, ServerConfig]
 
 
 def test_fedsim_and_fedserver_add_only_their_own_sections_to_the_base():
-    assert set(SimulationConfig.model_fields) - set(RunConfig.model_fields) == {"workers", "channel", "devices"}
+    assert set(SimulationConfig.model_fields) - set(RunConfig.model_fields) == {
+        "workers", "channel", "devices", "round_deadline_s", "quorum"}
     assert set(ServerConfig.model_fields) - set(RunConfig.model_fields) == {"server", "limits"}
     for config_class in CONFIGS:
         assert issubclass(config_class, RunConfig) and set(RunConfig.model_fields) <= set(config_class.model_fields)
@@ -51,7 +52,7 @@ def test_run_spec_json_on_the_wire_keeps_its_layout():
     config = ServerConfig.model_validate({"strategy": "ffa_lora", "rounds": 3, "compression": {"codec": "int8"}})
     wire = json.loads(config.run_spec().model_dump_json())
     assert set(wire) == {"strategy", "options", "wrappers", "model", "data", "train", "rounds", "seed"}
-    assert wire["wrappers"] == {"dp": None, "compression": {"codec": "int8"}}
+    assert wire["wrappers"] == {"asynchronous": None, "dp": None, "compression": {"codec": "int8"}}
     assert wire["strategy"] == "ffa_lora" and wire["rounds"] == 3 and wire["model"] == config.model.model_dump()
     spec = RunSpec.model_validate_json(config.run_spec().model_dump_json())
     assert spec == config.run_spec() and spec.wrappers() == config.wrappers()

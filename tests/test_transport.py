@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -359,6 +360,69 @@ def test_killed_server_resumes_and_ends_with_an_unbroken_runs_model(case: str, t
     again = start_server(tmp_path, config, {"min_clients": 3, "linger_s": 0}, resume=True, port=port)
     assert again.wait(60) == 0, again.output()[-3000:]
     assert "already finished (all 2 rounds completed)" in again.output() and again.metrics() == rows
+
+
+@pytest.mark.parametrize("max_staleness", [2, 0])
+def test_asynchronous_rounds_go_on_without_a_slow_client_whose_stale_update_is_weighted_or_refused(
+        max_staleness: int, tmp_path: Path, one_torch_thread, caplog):
+    """FedBuff over gRPC, K = 2: the slow device (driven here) takes its round-1 work and holds the update
+    while the two fast devices close round 1 without it; sent then, the update is one or two rounds stale:
+    taken and down-weighted with max_staleness = 2, refused as STALE with max_staleness = 0."""
+    config = run_config("fedavg_lora", rounds=3, asynchronous={"buffer_size": 2, "max_staleness": max_staleness})
+    tokens = init_run(tmp_path / "run", 3)
+    files = write_partitions(config, tmp_path)
+    server = start_server(tmp_path, config, {"min_clients": 1})
+    slow = in_process_client(server, tmp_path, "client-002", files["client-002"], tokens[2])
+    slow.register()
+    update = slow.train(pull_instruction(slow, 1))
+    fast = [start_client(server, tmp_path, cid, files[cid], token)
+            for cid, token in zip(CLIENTS[:2], tokens, strict=False)]
+    wait_until(lambda: any(r.round == 1 and r.status == "done" for r in stored(server.run_dir, RunStore.rounds)),
+               120, "round 1 to close without the slow client", server)
+    assert slow.push(update) == (max_staleness > 0)
+    assert slow.run() == "all 3 rounds completed"
+    finish(fast, tmp_path)
+    assert server.wait(60) == 0, server.output()[-3000:]
+    rows = server.metrics()[1:]
+    assert [row["clients"] for row in rows] == [2, 2, 2] and rows[0]["staleness_max"] == 0
+    if max_staleness:
+        assert max(row["staleness_max"] for row in rows) >= 1 and sum(row["stale_refused"] for row in rows) == 0
+    else:
+        assert all(row["staleness_max"] == 0 for row in rows) and sum(row["stale_refused"] for row in rows) >= 1
+        assert "asynchronous.max_staleness is 0" in caplog.text  # the STALE status reached the device
+
+
+def test_a_killed_asynchronous_server_keeps_its_buffered_stale_update_and_the_work_it_handed_out(
+        tmp_path: Path, one_torch_thread):
+    """Round 2's buffer holds client-002's update from round 1 (one round stale) and client-000 holds round-2
+    work when the server is killed; the resumed server replays the stale update and takes client-000's."""
+    config = run_config("fedavg_lora", rounds=3, asynchronous={"buffer_size": 2, "max_staleness": 2})
+    tokens = init_run(tmp_path / "run", 3)
+    files = write_partitions(config, tmp_path)
+    port = free_port()
+    server = start_server(tmp_path, config, {"min_clients": 1}, port=port)
+    clients = [in_process_client(server, tmp_path, cid, files[cid], token)
+               for cid, token in zip(CLIENTS, tokens, strict=False)]
+    for client in clients:
+        client.register()
+    first, second, late = (client.train(pull_instruction(client, 1)) for client in clients)
+    assert clients[0].push(first) and clients[1].push(second)  # round 1 closes
+    assert clients[2].push(late)  # into round 2's buffer, one round stale
+    held = clients[0].train(pull_instruction(clients[0], 2))
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+    server = start_server(tmp_path, config, {"min_clients": 1}, resume=True, port=port)
+    assert clients[0].push(held)  # handed out before the crash, taken after it; round 2 closes
+    threads = [threading.Thread(target=client.run) for client in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert server.wait(60) == 0, server.output()[-3000:]
+    assert "round 2 continues with 1 buffered update(s)" in server.output()
+    rows = server.metrics()
+    assert [(row["round"], row["clients"]) for row in rows] == [(0, 0), (1, 2), (2, 2), (3, 2)]
+    assert rows[2]["staleness_max"] == 1.0  # the replayed stale update was aggregated, with its weight
 
 
 def test_clients_that_spend_their_privacy_budget_retire_and_the_server_ends_the_run(tmp_path: Path):
