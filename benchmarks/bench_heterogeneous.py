@@ -30,17 +30,16 @@ benchmarks/results/heterogeneous/.
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import math
 import time
 import warnings
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from bench_compression import write_csv
 
 from fedtune.fedserver.engine import RoundEngine
 from fedtune.fedserver.metrics import MetricsLog, RoundMetrics
@@ -294,14 +293,6 @@ def epochs_vs_steps(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def fmt_loss(loss: float | None) -> str:
     return "—" if loss is None else f"{loss:.4f}"
-
-
-def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def main() -> None:

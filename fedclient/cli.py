@@ -27,11 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     join.add_argument("--data", type=Path, required=True,
                       help="this device's examples (jsonl/json/csv/tsv or a folder), or builtin:ops to try a run: "
                            "the whole built-in task (4,000 examples, all four families), the same on every client")
+    join.add_argument("--eval-data", type=Path, help="this device's evaluation examples for federated evaluation "
+                      "(default: a held-out share of --data, evaluation.client_fraction)")
     join.add_argument("--token", help="enrollment token (from the server operator); remembered in the state file")
     join.add_argument("--token-file", type=Path, help="read the token from this file instead")
     join.add_argument("--ca", type=Path, help="the run's CA certificate (PEM), to verify the server")
     join.add_argument("--insecure", action="store_true", help="plaintext gRPC (only for a server started --insecure)")
-    join.add_argument("--model", help="local base model directory, when the server's model.path is not valid here")
+    join.add_argument("--model", help="the base model here, when the server's model.path is not valid on this device: "
+                                      "a directory, a .gguf file or a hub id in the local Hugging Face cache")
+    join.add_argument("--device", choices=("cpu", "cuda", "auto"),
+                      help="where this device trains (default: the run's model.device)")
+    join.add_argument("--threads", type=int, help="torch threads (default: OMP_NUM_THREADS when set, else this "
+                                                  "machine's cores)")
     join.add_argument("--name", default="", help="client id to ask for on first registration (e.g. client-000)")
     join.add_argument("--state", type=Path, help="local state file (default: one per client identity, "
                                                  "~/.fedtune/client-HOST-PORT-NAME.pt, or -device-HASH.pt after the "
@@ -49,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.ca is not None and args.insecure:
         parser.error("--ca and --insecure exclude each other")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     token = args.token
     if args.token_file is not None:
         token = args.token_file.read_text().strip()
@@ -58,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 def _join(args: argparse.Namespace, token: str | None) -> int:
     from rich.console import Console
     from rich.logging import RichHandler
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
     from fedtune.fedclient.connection import ConnectionSettings, FatalError
 
@@ -74,6 +83,9 @@ def _join(args: argparse.Namespace, token: str | None) -> int:
     from fedtune.fedclient.state import default_state_file
     from fedtune.strategies.api import DeviceProfile
     from fedtune.strategies.codecs import SUPPORTED_CODECS
+    from fedtune.tasks.threads import apply_threads, default_threads
+
+    apply_threads(args.threads or default_threads())  # before torch does any work
 
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                         TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
@@ -82,10 +94,19 @@ def _join(args: argparse.Namespace, token: str | None) -> int:
     class RichReporter(Reporter):
         def __init__(self) -> None:
             self.task = progress.add_task("joining", total=None, detail="")
+            self.steps: TaskID | None = None  # the round's local training, while it runs
 
         def status(self, text: str) -> None:
             super().status(text)
             progress.update(self.task, description=text)
+            if self.steps is not None:  # training is over (uploading, retired, ...)
+                progress.remove_task(self.steps)
+                self.steps = None
+
+        def training_step(self, round: int, steps: int, planned: int) -> None:
+            if self.steps is None:
+                self.steps = progress.add_task(f"round {round}: local training", total=planned, detail="")
+            progress.update(self.steps, completed=steps, total=planned, detail=f"step {steps}/{planned}")
 
         def round_done(self, round: int, rounds: int) -> None:
             progress.update(self.task, total=rounds, completed=round, detail=f"{round}/{rounds} rounds")
@@ -106,7 +127,8 @@ def _join(args: argparse.Namespace, token: str | None) -> int:
             connection=ConnectionSettings(server=args.server, token=token, ca=args.ca, insecure=args.insecure,
                                           max_message_bytes=args.max_message_bytes,
                                           give_up_after_s=args.give_up_after, max_backoff_s=args.max_backoff),
-            data=args.data, state_file=state_file, name=args.name, model_path=args.model,
+            data=args.data, eval_data=args.eval_data,
+            state_file=state_file, name=args.name, model_path=args.model, device=args.device,
             profile=DeviceProfile(memory_mb=args.memory_mb, compute_class=args.compute_class, codecs=codecs),
         )
         with progress:

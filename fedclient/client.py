@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import torch
+from transformers import PreTrainedTokenizerBase
 
 from fedtune.fedclient.connection import Connection, ConnectionSettings, FatalError, describe
 from fedtune.fedclient.state import ClientState
@@ -38,9 +40,12 @@ from fedtune.strategies.api import (
     Instruction,
     InvalidInstruction,
     Workspace,
+    hash_seed,
 )
-from fedtune.tasks.data import TokenDataset, encode, load_records
-from fedtune.tasks.models import load_model
+from fedtune.tasks.data import DataError, TokenDataset, encode, load_records, require_fields
+from fedtune.tasks.models import ModelLoadError, load_model
+from fedtune.tasks.progress import observe_steps
+from fedtune.tasks.training import planned_steps
 
 log = logging.getLogger(__name__)
 DATA_LOSS_RETRIES = 3
@@ -53,8 +58,10 @@ class ClientSettings:
     state_file: Path
     name: str = ""
     model_path: str | None = None
+    device: str | None = None  # model.device here; None: the run's
     profile: DeviceProfile = DeviceProfile()
     max_instruction_bytes: int = 16 << 30
+    eval_data: Path | None = None  # federated evaluation's examples; None: a held-out share of `data`
 
 
 class Reporter:
@@ -65,6 +72,11 @@ class Reporter:
 
     def round_done(self, round: int, rounds: int) -> None:
         del round, rounds
+
+    def training_step(self, round: int, steps: int, planned: int) -> None:
+        """`steps` local optimizer steps of round `round` are done, of the `planned` ones (a time budget may
+        stop the loop before them)."""
+        del round, steps, planned
 
     def transfer(self, what: str) -> ProgressCallback | None:
         del what
@@ -88,6 +100,7 @@ class FederatedClient:
         self.workspace: Workspace | None = None
         self.strategy: ClientStrategy | None = None
         self.data: TokenDataset | None = None
+        self.eval_data: TokenDataset | None = None
         self._activity = ("registering", 0, 0.0)
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
@@ -127,21 +140,41 @@ class FederatedClient:
     def _build(self, spec: RunSpec) -> None:
         """The same construction as fedsim's virtual clients, from the server's run spec."""
         self.reporter.status(f"building {spec.strategy} workspace on {spec.model.path}")
-        model_config = spec.model
-        if self.settings.model_path is not None:
-            model_config = model_config.model_copy(update={"path": self.settings.model_path})
+        local = {"path": self.settings.model_path, "device": self.settings.device}
+        model_config = spec.model.model_copy(update={key: value for key, value in local.items() if value is not None})
         definition = spec.definition()
+        try:
+            definition.check_task(spec.model_copy(update={"model": model_config}))
+        except ValueError as error:
+            raise FatalError(f"this device cannot take part as configured: {error}") from error
         options = spec.strategy_config()
         context = spec.context()
-        bundle = load_model(model_config, spec.seed)
+        try:
+            require_fields(str(self.settings.data), spec.data, spec.model.kind)  # a missing column before the model
+            bundle = load_model(model_config, spec.seed)
+        except (DataError, ModelLoadError) as error:
+            raise FatalError(str(error)) from error
         self.workspace = definition.build_workspace(bundle, options, context)
         self.strategy = definition.client(options, context, self.client_id)
         if self.state.strategy_state:
             self.strategy.load_state_dict(self.state.strategy_state)
         rows = load_records(str(self.settings.data))
         self.data = encode(rows, bundle.tokenizer, spec.data, spec.model.kind, spec.model.max_length)
+        if spec.evaluation.federated:
+            self.eval_data = self._evaluation_data(spec, bundle.tokenizer)
         self.spec = spec
         self.reporter.status(f"{len(self.data)} local examples from {self.settings.data}")
+
+    def _evaluation_data(self, spec: RunSpec, tokenizer: PreTrainedTokenizerBase) -> TokenDataset | None:
+        """The device's evaluation file, else the seeded share of its data that fedsim would hold out
+        (same seed, same client id: the same split), which is then kept out of training."""
+        assert self.data is not None
+        if self.settings.eval_data is not None:
+            rows = load_records(str(self.settings.eval_data))
+            return encode(rows, tokenizer, spec.data, spec.model.kind, spec.model.max_length)
+        generator = torch.Generator().manual_seed(hash_seed(spec.seed, self.client_id, "federated-evaluation"))
+        self.data, held_out = self.data.held_out(spec.evaluation.client_fraction, generator)
+        return held_out
 
     def pull(self) -> tuple[pb.PullStatus, Instruction | None]:
         """One long poll; the instruction is reassembled and checked before it is returned."""
@@ -167,11 +200,20 @@ class FederatedClient:
     def train(self, instruction: Instruction) -> ClientUpdate:
         assert self.strategy is not None and self.workspace is not None and self.data is not None
         self._activity = ("training", instruction.round, 0.0)
-        update = self.strategy.fit(self.workspace, instruction, self.data)
+        with observe_steps(self._step_taken):
+            update = self.strategy.respond(self.workspace, instruction, self.data, self.eval_data)
         self.state.strategy_state = self.strategy.state_dict()
         self.state.pending = update
         self.state.save(self.settings.state_file)
         return update
+
+    def _step_taken(self, steps: int) -> None:
+        """A local step is done: the reporter shows it, the next heartbeat tells the server how far along we are."""
+        assert self.spec is not None and self.data is not None
+        _, round, _ = self._activity
+        planned = planned_steps(len(self.data), self.spec.train)
+        self._activity = ("training", round, min(steps / planned, 1.0))
+        self.reporter.training_step(round, steps, planned)
 
     def push(self, update: ClientUpdate) -> bool:
         """Upload; True once the server holds the update (accepted now or earlier)."""

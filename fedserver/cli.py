@@ -2,7 +2,7 @@
 
   fedserver init   --run-dir DIR --clients N [--host NAME ...]   CA, server certificate, enrollment tokens
   fedserver start  --config server.toml [--resume] [--insecure]   serve every round (same strategies as fedsim)
-  fedserver status --run-dir DIR [--json]                         the run's state, from its SQLite file
+  fedserver status --run-dir DIR [--json] [--watch [--interval S]]  the run's state, and whether its server is alive
   fedserver config [--config server.toml]                         the config `start` would use, commented
 
 `start` and `config` take `--set SECTION.FIELD=VALUE` overrides. The server listens on every
@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedtune.fedserver.liveness import Liveness, ServerLock, ServerRunning, probe
 from fedtune.strategies import catalog
 from fedtune.strategies.cli_options import add_set_option, add_version_option
 
@@ -69,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     status = commands.add_parser("status", help="print the run's state")
     status.add_argument("--run-dir", type=Path, required=True)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--watch", action="store_true",
+                        help="a live view, redrawn every --interval seconds, until the server process ends: exit 0 "
+                             "when the run finished, 1 when the server is gone before the end (killed, stopped)")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between redraws of --watch (default 2)")
     args = parser.parse_args(argv)
     from fedtune.strategies.runconfig import ConfigError
 
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             return _config(args)
         return _start(args)
-    except (UsageError, ConfigError, FileNotFoundError) as error:
+    except (UsageError, ConfigError, FileNotFoundError, ServerRunning) as error:
         print(f"fedserver: {error}", file=sys.stderr)
         return 2
 
@@ -170,7 +175,9 @@ def _start(args: argparse.Namespace) -> int:
             raise UsageError(f"--resume: the config's {', '.join(differing)} differ from the interrupted run's; "
                              "a resumed run must keep them")
     store = RunStore(state)
+    lock = ServerLock(run_dir)
     try:
+        lock.acquire()  # held for this process's life: `status` tells a live server from a killed one
         if store.token_count() == 0:
             raise UsageError(f"{run_dir}: no enrollment tokens; run `fedserver init --run-dir {run_dir} --clients N`")
         run_id, status = store.get_meta("run_id"), store.get_meta("status")
@@ -183,10 +190,14 @@ def _start(args: argparse.Namespace) -> int:
         _configure_logging()
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # raised inside peft
         from fedtune.fedserver.service import serve
+        from fedtune.tasks.threads import apply_threads, default_threads
+
+        apply_threads(config.server.threads or default_threads())  # before torch does any work
 
         reason = asyncio.run(serve(config, store, args.resume, lambda line: print(f"fedserver: {line}", flush=True)))
     finally:
         store.close()
+        lock.release()
     print(f"fedserver: {reason}; metrics in {run_dir / 'metrics.jsonl'}, global model in {run_dir / 'global'}",
           flush=True)
     return 0
@@ -199,10 +210,15 @@ def _configure_logging() -> None:
 
 
 def status_report(run_dir: Path) -> dict[str, Any]:
-    """The run's state as stored (client activity is flushed every few seconds)."""
+    """The run's state as stored (client activity is flushed every few seconds), and whether its server lives.
+
+    The stored status stays "running" when the server is killed; `status` is "stopped" then, because
+    the liveness lock (`fedserver.liveness`) is free: no process serves the run any more.
+    """
     from fedtune.fedserver.config import ServerConfig
     from fedtune.fedserver.store import RunStore
 
+    server = probe(run_dir)
     store = RunStore(run_dir / STATE_FILE, readonly=True)
     try:
         raw = store.get_meta("config")
@@ -212,15 +228,17 @@ def status_report(run_dir: Path) -> dict[str, Any]:
         now = time.time()
         return {
             "run_id": store.get_meta("run_id"),
-            "status": store.get_meta("status") or "not started",
+            "status": run_status(store.get_meta("status"), server),
             "finish_reason": store.get_meta("finish_reason"),
+            "server": {"alive": server.alive, "pid": server.pid, "started": server.started,
+                       "last_seen_s_ago": None if server.last_seen is None else round(now - server.last_seen, 1)},
             "strategy": config.strategy if config else None,
             "rounds_planned": config.rounds if config else None,
             "rounds_done": sum(r.status == "done" for r in rounds),
             "current_round": None if running is None else {
                 "round": running.round, "selected": running.selected,
                 "accepted": store.accepted_count(running.round),
-                "deadline_in_s": round(running.deadline - now, 1),
+                "deadline_in_s": round(running.deadline - now, 1) if server.alive else None,
             },
             "last_metrics": next((r.metrics for r in reversed(rounds) if r.metrics), None),
             "clients": [{"client_id": c.client_id, "seen_s_ago": round(now - c.last_seen, 1), "activity": c.activity,
@@ -232,34 +250,94 @@ def status_report(run_dir: Path) -> dict[str, Any]:
         store.close()
 
 
+def run_status(stored: str | None, server: Liveness) -> str:
+    """What the run is doing: the stored status is the server's own word, true only while it lives."""
+    if stored is None:
+        return "starting" if server.alive else "not started"
+    if stored == "running" and not server.alive:
+        return "stopped"
+    return stored
+
+
 def _status(args: argparse.Namespace) -> int:
     if not (args.run_dir / STATE_FILE).exists():
         raise UsageError(f"{args.run_dir}: no run state here")
+    if args.watch:
+        if args.json:
+            raise UsageError("status: --watch is a view for people; --json prints the state once")
+        return _watch(args.run_dir, args.interval)
     report = status_report(args.run_dir)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     from rich.console import Console
+
+    Console().print(_render(report))
+    return 0
+
+
+def _watch(run_dir: Path, interval: float) -> int:
+    """Redraw the status until the server process is gone; 0 if the run finished, 1 if it did not."""
+    from rich.console import Console
+    from rich.live import Live
+
+    if interval <= 0:
+        raise UsageError("--interval must be positive")
+    console = Console()
+    report = status_report(run_dir)
+    with Live(_render(report), console=console, auto_refresh=False) as live:
+        while report["server"]["alive"]:
+            time.sleep(interval)
+            report = status_report(run_dir)
+            live.update(_render(report), refresh=True)
+    if report["status"] == "finished":
+        console.print("fedserver: the run finished; the server process has ended")
+        return 0
+    console.print("fedserver: the server process is gone and the run is not finished: resume with "
+                  "`fedserver start --resume`")
+    return 1
+
+
+def _render(report: dict[str, Any]) -> Any:
+    """The status as a person reads it (a rich renderable, printed once or redrawn by --watch)."""
+    from rich.console import Group
     from rich.table import Table
 
-    console = Console()
-    console.print(f"[bold]run[/] {report['run_id'] or '-'}  [bold]{report['status']}[/]"
-                  + (f" ({report['finish_reason']})" if report["finish_reason"] else ""))
-    console.print(f"strategy {report['strategy']}, rounds {report['rounds_done']} of {report['rounds_planned']} done, "
-                  f"{len(report['clients'])} clients, {report['tokens']} tokens")
+    server, status = report["server"], report["status"]
+    if status == "stopped":
+        seen = server["last_seen_s_ago"]
+        record = "no liveness record" if seen is None else f"last seen {_ago(seen)} ago, pid {server['pid']}"
+        state = f"stopped ({record}; the process is gone: resume with `fedserver start --resume`)"
+    else:
+        state = status + (f" ({report['finish_reason']})" if report["finish_reason"] else "")
+        state += f", server pid {server['pid']}" if server["alive"] else ""
+    lines: list[Any] = [
+        f"[bold]run[/] {report['run_id'] or '-'}  [bold]{state}[/]",
+        f"strategy {report['strategy']}, rounds {report['rounds_done']} of {report['rounds_planned']} done, "
+        f"{len(report['clients'])} clients, {report['tokens']} tokens",
+    ]
     current = report["current_round"]
     if current:
-        console.print(f"round {current['round']} in progress: {current['accepted']} of {len(current['selected'])} "
-                      f"updates accepted, deadline in {current['deadline_in_s']} s")
+        accepted = f"{current['accepted']} of {len(current['selected'])} updates accepted"
+        lines.append(f"round {current['round']} in progress: {accepted}, deadline in {current['deadline_in_s']} s"
+                     if server["alive"] else f"round {current['round']} was in progress: {accepted} (a resumed run "
+                                             "keeps them)")
     if report["last_metrics"]:
         metrics = report["last_metrics"]
-        console.print("last round: " + ", ".join(f"{k} {v}" for k, v in metrics.items() if v is not None))
+        lines.append("last round: " + ", ".join(f"{k} {v}" for k, v in metrics.items() if v is not None))
     table = Table("client", "last seen", "activity", "rounds", "left")
     for client in report["clients"]:
         table.add_row(client["client_id"], f"{client['seen_s_ago']} s ago", client["activity"],
                       str(client["rounds_done"]), client["left"] or "")
-    console.print(table)
-    return 0
+    return Group(*lines, table)
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 if __name__ == "__main__":

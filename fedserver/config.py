@@ -36,6 +36,8 @@ class ServerSection(StrictModel):
     long_poll_s: float = Field(10.0, gt=0, description="Longest a PullInstruction call is held open.")
     linger_s: float = Field(30.0, ge=0, description="After the run, keep answering DONE until every client has "
                                                      "heard it, at most this long.")
+    threads: int | None = Field(None, ge=1, le=1024, description="torch threads for aggregation and evaluation; "
+                                                                  "default: OMP_NUM_THREADS when set, else the cores.")
 
     @model_validator(mode="after")
     def _timeouts(self) -> ServerSection:

@@ -49,6 +49,7 @@ from fedtune.fedserver.config import ServerConfig
 from fedtune.fedserver.engine import RoundEngine, RoundState
 from fedtune.fedserver.metrics import MetricsLog, RoundMetrics
 from fedtune.fedserver.store import RunStore
+from fedtune.fedserver.tracking import tracking_for
 from fedtune.strategies.api import ClientUpdate, DeviceProfile, Instruction, Refusal, Refused
 from fedtune.tasks.data import TokenDataset, encode, load_records, split_holdout
 from fedtune.tasks.models import load_model
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 KEPT_CHECKPOINTS = 2
 HOUSEKEEPING_S = 2.0
-CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # matched in full: no trailing newline slips through
 ROUND_MOVED_ON = frozenset({Refusal.RUN_OVER, Refusal.NO_ROUND, Refusal.WRONG_ROUND, Refusal.NOT_SELECTED,
                             Refusal.STALE})
 """Refusals that, when an upload is committed after its header was accepted, mean the round closed meanwhile."""
@@ -133,8 +134,10 @@ def build_engine(config: ServerConfig) -> RoundEngine:
     workspace = definition.build_workspace(bundle, strategy_config, context)
     strategy = definition.server(strategy_config, context)
     strategy.initialize(workspace)
-    return RoundEngine(strategy, workspace, eval_dataset(config, bundle.tokenizer), config.train.eval_batch_size,
-                       MetricsLog(config.run_dir()), config.asynchronous_mode())
+    central = eval_dataset(config, bundle.tokenizer) if config.evaluation.central else None  # else: no data here
+    return RoundEngine(strategy, workspace, central, config.train.eval_batch_size,
+                       MetricsLog(config.run_dir(), tracking_for(config, config.run_dir())), config.asynchronous_mode(),
+                       config.evaluation.federated)
 
 
 class Coordinator:
@@ -239,7 +242,8 @@ class Coordinator:
         interrupted = next((r for r in self.store.rounds() if r.round == last + 1 and r.status == "running"), None)
         if interrupted is None:
             return
-        instructions = self.engine.begin_round(interrupted.round, interrupted.available)
+        instructions = self.engine.begin_round(interrupted.round, interrupted.available,
+                                               self.is_evaluation_round(interrupted.round))
         if sorted(instructions) != sorted(interrupted.selected):
             log.warning("resume: round %d now selects %s, the interrupted run had selected %s (the strategy's "
                         "sampling is not deterministic)", interrupted.round, sorted(instructions), interrupted.selected)
@@ -266,11 +270,12 @@ class Coordinator:
         try:
             while True:
                 if self.open_round is None:
-                    if self.next_round > self.config.rounds:
+                    evaluation = self.is_evaluation_round(self.next_round)
+                    if self.next_round > self.config.rounds and not evaluation:
                         reason = f"all {self.config.rounds} rounds completed"
                         break
-                    stop = (await self._call(self.engine.strategy.stop_reason, self.next_round)
-                            or await self._wait_for_clients())
+                    stop = None if evaluation else await self._call(self.engine.strategy.stop_reason, self.next_round)
+                    stop = stop or await self._wait_for_clients()
                     if stop:
                         reason = stop
                         break
@@ -280,6 +285,7 @@ class Coordinator:
             await self._call(self._end_run, reason)
             self._round_changed()
             await self._call(self.engine.metrics.plot)
+            await self._call(self.engine.metrics.close)
             log.info("run finished: %s", reason)
             await self._linger()
             return reason
@@ -324,11 +330,15 @@ class Coordinator:
                     handed_out: dict[str, Instruction]) -> OpenRound:
         """Begin `round` in the engine and the store (engine thread); `handed_out`: asynchronous work
         from earlier rounds that clients are still doing, re-sent if a client polls for it again."""
-        instructions = {**handed_out, **self.engine.begin_round(round, available)}
+        instructions = {**handed_out, **self.engine.begin_round(round, available, self.is_evaluation_round(round))}
         state = self.engine.current
         assert state is not None
         self.store.begin_round(round, available, sorted(state.selected), deadline)
         return OpenRound(state, deadline, instructions)
+
+    def is_evaluation_round(self, round: int) -> bool:
+        """Under federated evaluation, one round after the last: the clients evaluate the final model."""
+        return self.config.evaluation.federated and round == self.config.rounds + 1
 
     def _next_asynchronous_round(self, finished: OpenRound) -> OpenRound | None:
         """Asynchronous mode: open the next round in the same engine step that closed `finished`, so an
@@ -375,7 +385,8 @@ class Coordinator:
         def finish() -> tuple[RoundMetrics, list[str], OpenRound | None]:
             stragglers = state.stragglers()
             metrics = self.engine.finish_round({"selected": len(state.selected), "stragglers": len(stragglers)})
-            self._checkpoint(state.round)
+            if not state.evaluate_only:  # an evaluation round leaves the model as it was
+                self._checkpoint(state.round)
             self.store.complete_round(state.round, self.engine.strategy.state_dict(), metrics.model_dump(),
                                       sorted(state.accepted))
             return metrics, stragglers, self._next_asynchronous_round(finished)
@@ -447,7 +458,7 @@ class Coordinator:
         async with self._register_lock:
             client_id = await self.client_for_token(token_hash)
             if client_id is None:
-                if name and not CLIENT_ID_PATTERN.match(name):
+                if name and not CLIENT_ID_PATTERN.fullmatch(name):
                     raise Refused(Refusal.MALFORMED,
                                   f"RegisterRequest.name: {name[:80]!r} must be 1-64 letters, digits, '-', '_' or '.'")
                 client_id = name or f"device-{token_hash[:12]}"

@@ -9,6 +9,7 @@ of the round in progress: a transport reads it, it never keeps a copy.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ from fedtune.fedserver.metrics import MetricsLog, RoundMetrics
 from fedtune.protos.convert import wire_size
 from fedtune.strategies import fedbuff
 from fedtune.strategies.api import (
+    EVAL_METRICS,
+    EVALUATE,
+    EVALUATE_ONLY,
     ClientUpdate,
     Instruction,
     InvalidUpdate,
@@ -45,10 +49,11 @@ class RoundState:
     selected: tuple[str, ...]  # asynchronous mode: empty (work is handed out one client at a time)
     started: float
     accepted: dict[str, ClientUpdate] = field(default_factory=dict)
-    rejected: dict[str, str] = field(default_factory=dict)  # client id -> why its last reply was invalid
+    rejected: dict[str, str] = field(default_factory=dict)  # client id -> why its reply was invalid (until a valid one)
     bytes_down: int = 0
     bytes_up: int = 0
     stale: int = 0  # asynchronous mode: updates refused as older than max_staleness
+    evaluate_only: bool = False  # federated evaluation of the final model: updates carry metrics only
 
     def stragglers(self) -> list[str]:
         """Selected clients that sent no reply the strategy saw (neither accepted nor rejected)."""
@@ -64,9 +69,11 @@ class RoundEngine:
         eval_batch_size: int,
         metrics: MetricsLog,
         asynchronous: fedbuff.Config | None = None,
+        federated_evaluation: bool = False,
     ):
         self.strategy = strategy
         self.asynchronous = asynchronous
+        self.federated_evaluation = federated_evaluation
         self.outstanding: dict[str, int] = {}  # asynchronous mode: client -> the round of the work it holds
         self.workspace = workspace
         self.eval_data = eval_data
@@ -93,12 +100,19 @@ class RoundEngine:
         self.metrics.append(metrics)
         return metrics
 
-    def begin_round(self, round: int, available: Sequence[str]) -> dict[str, Instruction]:
+    def begin_round(self, round: int, available: Sequence[str], evaluate_only: bool = False) -> dict[str, Instruction]:
         """The round's instructions: the strategy samples among `available`. In asynchronous mode
-        nobody is selected up front: a round is filled by updates from work handed out by `dispatch`."""
+        nobody is selected up front: a round is filled by updates from work handed out by `dispatch`.
+        Under federated evaluation each instruction asks its client to evaluate the global model it
+        carries (EVALUATE); `evaluate_only` makes the round that evaluation alone (the final model's)."""
         selected = [] if self.asynchronous else self.strategy.sample_clients(round, available)
-        self.current = RoundState(round=round, selected=tuple(selected), started=time.perf_counter())
+        self.current = RoundState(round=round, selected=tuple(selected), started=time.perf_counter(),
+                                  evaluate_only=evaluate_only)
+        asked = {EVALUATE_ONLY: True} if evaluate_only else {EVALUATE: True} if self.federated_evaluation else {}
         instructions = {cid: self.strategy.instruction(round, cid) for cid in selected}
+        if asked:
+            instructions = {cid: instruction.model_copy(update={"settings": {**instruction.settings, **asked}})
+                            for cid, instruction in instructions.items()}
         return instructions
 
     def can_dispatch(self, client_id: str) -> bool:
@@ -171,30 +185,40 @@ class RoundEngine:
         state = self.current
         assert state is not None
         try:
-            self.strategy.validate_update(update, update.round)  # the round it was computed for (async: may be older)
+            if not state.evaluate_only:
+                self.strategy.validate_update(update, update.round)  # the round it was computed for (async: older)
+            check_evaluation(update, state.evaluate_only)
         except InvalidUpdate as error:
             state.rejected[update.client_id] = str(error)
             log.warning("rejected: %s", error)
             raise Refused(Refusal.INVALID_UPDATE, str(error)) from error
         state.accepted[update.client_id] = update
+        state.rejected.pop(update.client_id, None)  # its corrected update counts; the round's `rejected` does not
         self.outstanding.pop(update.client_id, None)
         state.bytes_up += wire_size(update) if size is None else size
 
     def finish_round(self, extra: Mapping[str, float] | None = None) -> RoundMetrics:
-        """Aggregate the accepted replies, evaluate the new global model and log the round
-        (with the transport's own `extra` values, e.g. stragglers)."""
+        """Aggregate the accepted replies, evaluate the new global model and log the round (with the
+        transport's own `extra` values, e.g. stragglers). The clients' evaluation of the model the round
+        started from (federated evaluation) is added to the previous round's row, which describes that
+        model; an evaluate-only round adds only that, and returns the amended row."""
         state = self.current
         assert state is not None
         updates = [state.accepted[cid] for cid in sorted(state.accepted)]
+        evaluated = federated_evaluation(updates)
+        if evaluated:
+            self.metrics.amend(state.round - 1, evaluated)
+        if state.evaluate_only:
+            self.current = None
+            return RoundMetrics.model_validate(self.metrics.rows()[-1])
         if updates:
             self.strategy.aggregate(state.round, updates)
         result = self.evaluate_global()
-        total = sum(u.num_examples for u in updates)
         losses = [(u.metrics["train_loss"], u.num_examples) for u in updates if "train_loss" in u.metrics]
         metrics = RoundMetrics(
             round=state.round,
             clients=len(updates),
-            train_loss=sum(loss * n for loss, n in losses) / total if losses else None,
+            train_loss=sum(loss * n for loss, n in losses) / sum(n for _, n in losses) if losses else None,
             eval_loss=result.loss if result else None,
             eval_accuracy=result.accuracy if result else None,
             eval_exact_match=result.exact_match if result else None,
@@ -206,7 +230,7 @@ class RoundEngine:
             **self.strategy.round_metrics(),
             **(extra or {}),
         )
-        self.metrics.append(metrics)
+        self.metrics.append(metrics, updates)
         self.current = None
         return metrics
 
@@ -217,3 +241,31 @@ class RoundEngine:
     def save_global(self, directory: Path) -> None:
         self.strategy.load_global_into(self.workspace)
         self.workspace.save(directory)
+
+
+def federated_evaluation(updates: Sequence[ClientUpdate]) -> dict[str, float]:
+    """Example-weighted means of the clients' evaluations of the global model they received (`fed_eval_*`),
+    over the updates that carry one; empty when none does."""
+    reports = [update for update in updates if update.metrics.get("eval_examples", 0) > 0]
+    if not reports:
+        return {}
+    total = sum(update.metrics["eval_examples"] for update in reports)
+    means = {f"fed_{name}": sum(update.metrics[name] * update.metrics["eval_examples"] for update in reports) / total
+             for name in EVAL_METRICS}
+    return {**means, "fed_eval_examples": total, "fed_eval_clients": float(len(reports))}
+
+
+def check_evaluation(update: ClientUpdate, evaluate_only: bool) -> None:
+    """A reply's evaluation, if it carries one, complete and finite; an evaluate-only reply carries no
+    tensors. InvalidUpdate names what is wrong."""
+    origin = f"update from {update.client_id!r}"
+    if evaluate_only and update.tensors:
+        raise InvalidUpdate(f"{origin}: an evaluate-only reply carries no tensors, got {sorted(update.tensors)[:3]}")
+    if "eval_examples" not in update.metrics:
+        return  # no evaluation (not asked, or a client with too little data to hold any out)
+    for name in (*EVAL_METRICS, "eval_examples"):
+        value = update.metrics.get(name)
+        if value is None or not math.isfinite(value):
+            raise InvalidUpdate(f"{origin}: metric {name!r} is missing or not finite")
+    if update.metrics["eval_examples"] != int(update.metrics["eval_examples"]) or update.metrics["eval_examples"] < 1:
+        raise InvalidUpdate(f"{origin}: metric 'eval_examples' must be a positive whole number")

@@ -15,6 +15,7 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -96,6 +97,17 @@ def pull_status(answer: PollAnswer) -> pb.PullStatus:
 
 def heartbeat_reply(answer: HeartbeatAnswer) -> pb.HeartbeatReply:
     return pb.HeartbeatReply(current_round=answer.round, done=answer.done)
+
+
+def heartbeat_activity(request: pb.HeartbeatRequest) -> str:
+    """What `fedserver status` shows for a client: its activity, with the round and progress it reported
+    (e.g. "training round 3 40%"); only a bounded, printable part of what the client sent."""
+    activity = "".join(char for char in request.activity[:64] if char.isprintable())
+    if activity and request.round > 0:
+        activity += f" round {request.round}"
+    if activity and math.isfinite(request.progress) and 0 < request.progress <= 1:
+        activity += f" {request.progress:.0%}"
+    return activity
 
 
 def refusal_status(error: Exception) -> grpc.StatusCode | None:
@@ -202,7 +214,7 @@ class FederationService:
     async def heartbeat(self, request, context) -> pb.HeartbeatReply:
         client_id = await self._client(context)
         request = _parsed(request)
-        return heartbeat_reply(self.coordinator.heartbeat(client_id, request.activity[:64]))
+        return heartbeat_reply(self.coordinator.heartbeat(client_id, heartbeat_activity(request)))
 
     @_unary
     async def leave(self, request, context) -> pb.LeaveReply:

@@ -1,6 +1,7 @@
 """`fedsim`: a simulated federation on this machine.
 
   fedsim run [CONFIG.toml] --out DIR [--rounds N] [--set SECTION.FIELD=VALUE ...]   run one
+  fedsim run [CONFIG.toml] --out DIR --resume   continue an interrupted run after its last completed round
   fedsim config [CONFIG.toml] [--set ...]   the config a run would use: every section and field, as TOML
   fedsim strategies                         the strategies and wrappers a config can name
 """
@@ -13,7 +14,7 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedtune.strategies import catalog
 from fedtune.strategies.cli_options import add_set_option, add_version_option
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", type=Path, default=Path("runs/fedsim"), help="output directory")
     run.add_argument("--rounds", type=int, help="override the config's round count (as --set rounds=N)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out after its last completed round (its checkpoint.pt); the config "
+                          "must be the run's (without CONFIG, the checkpointed one is used)")
     commands.add_parser("strategies", help="list the strategies and wrappers a config can name")
     args = parser.parse_args(argv)
     if args.command == "strategies":
@@ -49,9 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     from fedtune.strategies.runconfig import ConfigError, load_run_config
 
     rounds = getattr(args, "rounds", None)
+    overrides = {} if rounds is None else {"rounds": rounds}
+    resume = getattr(args, "resume", False)
     try:
-        resolved = load_run_config(SimulationConfig, args.config, {} if rounds is None else {"rounds": rounds},
-                                   args.set)
+        if resume and args.config is None:
+            resolved = _checkpointed_config(args.out, overrides, args.set)
+        else:
+            resolved = load_run_config(SimulationConfig, args.config, overrides, args.set)
     except ConfigError as error:
         print(f"fedsim: {error}", file=sys.stderr)
         return 2
@@ -60,18 +68,30 @@ def main(argv: list[str] | None = None) -> int:
 
         print(commented_toml(resolved), end="")
         return 0
-    return _run(resolved, args.out, args.quiet)
+    return _run(resolved, args.out, args.quiet, resume)
 
 
-def _run(config: SimulationConfig, out: Path, quiet: bool) -> int:
+def _checkpointed_config(out: Path, overrides: dict[str, Any], assignments: list[str]) -> SimulationConfig:
+    """The config of the run checkpointed in `out`, with this command's overrides (which --resume then checks)."""
+    from fedtune.simulations.checkpoint import CHECKPOINT_FILE, load_checkpoint
+    from fedtune.simulations.config import SimulationConfig
+    from fedtune.strategies.runconfig import parse_run_config
+
+    stored = load_checkpoint(out).config
+    return parse_run_config(SimulationConfig, stored, str(out / CHECKPOINT_FILE), None, overrides, assignments)
+
+
+def _run(config: SimulationConfig, out: Path, quiet: bool, resume: bool) -> int:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # raised inside peft
     from fedtune.simulations.runner import run_simulation
     from fedtune.strategies.runconfig import ConfigError
     from fedtune.tasks.data import DataError
     from fedtune.tasks.models import ModelLoadError
+    from fedtune.tasks.threads import apply_threads
 
+    apply_threads(config.process_threads())  # before torch does any work; forked workers set their own
     try:
-        history = run_simulation(config, out, show_progress=not quiet)
+        history = run_simulation(config, out, show_progress=not quiet, resume=resume)
     except (ConfigError, DataError, ModelLoadError) as error:
         print(f"fedsim: {error}", file=sys.stderr)
         return 2

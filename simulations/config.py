@@ -10,6 +10,7 @@ from pydantic import Field
 from fedtune.simulations.channel import ChannelConfig
 from fedtune.simulations.clock import DevicesConfig, trace_path
 from fedtune.strategies.runconfig import ConfigError, RunConfig, load_run_config
+from fedtune.tasks.threads import default_threads
 
 __all__ = ["ConfigError", "SimulationConfig", "load_config"]
 
@@ -20,6 +21,10 @@ class SimulationConfig(RunConfig):
     workers: int = Field(
         1, ge=1, le=64, description="Processes running clients; >1 forks workers sharing the base model."
     )
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="torch threads per process (fedsim's and each worker's); default: "
+                                         "OMP_NUM_THREADS when set, else this machine's cores ÷ workers, so the run "
+                                         "never oversubscribes it.")
     channel: ChannelConfig | None = Field(None, description="Noisy links (fedsim only); see simulations.channel.")
     devices: DevicesConfig = Field(
         default_factory=DevicesConfig, description="Simulated devices: classes, per-client devices, a trace; "
@@ -29,6 +34,10 @@ class SimulationConfig(RunConfig):
                                 "None = no deadline.")
     quorum: float = Field(1.0, gt=0, le=1, description="Share of the selected clients whose updates close a round "
                                                         "once its deadline has passed (as fedserver's).")
+
+    def process_threads(self) -> int:
+        """`threads`, or this machine's share for each of the run's processes."""
+        return self.threads or default_threads(self.workers)
 
     def with_resolved_paths(self, base_dir: Path | None) -> Self:
         config = super().with_resolved_paths(base_dir)

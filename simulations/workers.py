@@ -5,14 +5,17 @@ client halves) in the parent and only then forks N processes. Forked pages are s
 copy-on-write and nobody writes the frozen base weights, so N workers cost one model plus, per
 worker, the adapter, optimizer state, activations and the bits of heap it touches, not one model
 per worker (which is what an actor-per-worker simulation such as Flower's pays). Each worker runs
-single-threaded: on a small CPU, N single-thread processes beat one process with N threads.
+`threads` torch threads (fedsim's default: cores ÷ workers), so the workers never oversubscribe the
+machine: on a small CPU, N single-thread processes beat one process with N threads.
 
 Client state: every client id is pinned to one worker for the whole run (round-robin over the
 sorted ids), so its ClientStrategy object (ADMM duals, a DP accountant, error feedback) lives in
 exactly one process and evolves exactly as in the in-process loop; the parent's copies are never
 used once the workers run. Per round each worker gets the protobuf bytes of its clients'
 instructions and sends back the protobuf bytes of their updates; the parent submits them in
-client-id order, so a deterministic strategy gives the same global model whatever N is.
+client-id order, so a deterministic strategy gives the same global model whatever N is. Meanwhile
+a worker says as each client's work ends (`ClientTrained`, for fedsim's progress line), and it
+hands over its clients' strategy states when asked (`StateRequest`, for fedsim's checkpoint).
 
 Memory: workers map large allocations (activations) separately and hand freed memory back to the
 OS after each fit, and the parent does so before each round, so that what a worker holds between
@@ -23,11 +26,13 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import io
 import multiprocessing
 import traceback
-from collections.abc import Mapping
-from multiprocessing.connection import Connection
+from collections.abc import Callable, Mapping
+from multiprocessing.connection import Connection, wait
 from types import TracebackType
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -36,6 +41,7 @@ from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos.convert import instruction_from_proto, instruction_to_proto, update_to_proto
 from fedtune.strategies.api import ClientRetired, ClientStrategy, Instruction, Workspace
 from fedtune.tasks.data import TokenDataset
+from fedtune.tasks.threads import apply_threads
 
 
 class ClientOutcome(BaseModel):
@@ -52,6 +58,19 @@ class RoundJobs(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     round: int
     instructions: dict[str, bytes]
+
+
+class ClientTrained(BaseModel):
+    """A worker's word, mid-round, that one client's work is done (the parent shows progress)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    client_id: str
+
+
+class StateRequest(BaseModel):
+    """The parent asks a worker for its clients' strategy states (fedsim's checkpoint)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class WorkerFailure(BaseModel):
@@ -72,20 +91,26 @@ def run_clients(
     round: int,
     instructions: Mapping[str, Instruction],
     release_memory: bool = False,
+    eval_data: Mapping[str, TokenDataset | None] | None = None,
+    on_trained: Callable[[str], None] | None = None,
 ) -> dict[str, ClientOutcome]:
-    """Local work of `clients` for one round: `fit` for those with an instruction, then the
-    `idle` hook for every other one (also those that retired), as a device would do it.
-    `release_memory` hands the freed activations back to the OS after each fit."""
+    """Local work of `clients` for one round: `respond` (fit, and evaluation on the client's `eval_data` when
+    asked) for those with an instruction, then the `idle` hook for every other one (also those that
+    retired), as a device would do it. `release_memory` hands the freed activations back to the OS after each fit;
+    `on_trained(client_id)` hears of each instructed client as its work ends (progress)."""
     outcomes: dict[str, ClientOutcome] = {}
     for client_id in sorted(instructions):
         try:
-            update = clients[client_id].fit(workspace, instructions[client_id], data[client_id])
+            update = clients[client_id].respond(workspace, instructions[client_id], data[client_id],
+                                                (eval_data or {}).get(client_id))
         except ClientRetired as retired:
             outcomes[client_id] = ClientOutcome(retired=str(retired))
-            continue
-        outcomes[client_id] = ClientOutcome(update=update_to_proto(update).SerializeToString())
-        if release_memory:
-            _trim_heap()
+        else:
+            outcomes[client_id] = ClientOutcome(update=update_to_proto(update).SerializeToString())
+            if release_memory:
+                _trim_heap()
+        if on_trained is not None:
+            on_trained(client_id)
     for client_id, client in clients.items():
         if outcomes.get(client_id, ClientOutcome()).update is None:
             client.idle(workspace, round, data[client_id])
@@ -105,6 +130,8 @@ class WorkerPool:
         workspace: Workspace,
         data: Mapping[str, TokenDataset],
         workers: int,
+        eval_data: Mapping[str, TokenDataset | None] | None = None,
+        threads: int = 1,
     ):
         if workers < 2:
             raise ValueError(f"workers: a pool needs at least 2 workers, got {workers}")
@@ -120,7 +147,9 @@ class WorkerPool:
             owned = {cid: client for cid, client in clients.items() if self.owner[cid] == worker}
             parent_end, child_end = context.Pipe()
             process = context.Process(
-                target=_serve, args=(child_end, owned, workspace, data), name=f"fedsim-worker-{worker}", daemon=True
+                target=_serve, args=(child_end, owned, workspace, data, eval_data or {}, threads),
+                name=f"fedsim-worker-{worker}",
+                daemon=True,
             )
             process.start()
             child_end.close()
@@ -128,8 +157,10 @@ class WorkerPool:
             self._processes.append(process)
         gc.unfreeze()
 
-    def run(self, round: int, instructions: Mapping[str, Instruction]) -> dict[str, ClientOutcome]:
-        """Every worker does its clients' round (fits and idle hooks) in parallel."""
+    def run(self, round: int, instructions: Mapping[str, Instruction],
+            on_trained: Callable[[str], None] | None = None) -> dict[str, ClientOutcome]:
+        """Every worker does its clients' round (fits and idle hooks) in parallel; `on_trained` hears of each
+        client as its work ends, in whichever worker."""
         _trim_heap()  # the parent idles meanwhile: return what its evaluation freed before the workers peak
         for worker, link in enumerate(self._links):
             jobs = {
@@ -139,14 +170,34 @@ class WorkerPool:
             }
             link.send(RoundJobs(round=round, instructions=jobs))
         outcomes: dict[str, ClientOutcome] = {}
+        working = dict(enumerate(self._links))
+        while working:
+            ready = wait(list(working.values()))
+            for worker, link in [(worker, link) for worker, link in working.items() if link in ready]:
+                reply = self._receive(worker, link)
+                if isinstance(reply, ClientTrained):
+                    if on_trained is not None:
+                        on_trained(reply.client_id)
+                    continue
+                if isinstance(reply, WorkerFailure):
+                    raise WorkerError(f"fedsim worker {worker} failed in round {round}:\n{reply.traceback}")
+                outcomes.update(reply)
+                del working[worker]
+        return outcomes
+
+    def client_states(self) -> dict[str, dict[str, Any]]:
+        """Every client's strategy state, from the worker that owns it."""
+        for link in self._links:
+            link.send(StateRequest())
+        states: dict[str, dict[str, Any]] = {}
         for worker, link in enumerate(self._links):
             reply = self._receive(worker, link)
             if isinstance(reply, WorkerFailure):
-                raise WorkerError(f"fedsim worker {worker} failed in round {round}:\n{reply.traceback}")
-            outcomes.update(reply)
-        return outcomes
+                raise WorkerError(f"fedsim worker {worker} failed to report its clients' states:\n{reply.traceback}")
+            states.update({cid: torch.load(io.BytesIO(state), weights_only=True) for cid, state in reply.items()})
+        return states
 
-    def _receive(self, worker: int, link: Connection) -> dict[str, ClientOutcome] | WorkerFailure:
+    def _receive(self, worker: int, link: Connection) -> Any:
         try:
             return link.recv()
         except EOFError as error:
@@ -213,17 +264,30 @@ def _serve(
     clients: Mapping[str, ClientStrategy],
     workspace: Workspace,
     data: Mapping[str, TokenDataset],
+    eval_data: Mapping[str, TokenDataset | None],
+    threads: int,
 ) -> None:
     """A worker's loop: decode the round's instructions, run its clients, send encoded outcomes."""
-    torch.set_num_threads(1)
+    apply_threads(threads)
     _map_large_allocations()
     while (jobs := link.recv()) is not None:
         try:
+            if isinstance(jobs, StateRequest):
+                link.send({cid: _serialized(client.state_dict()) for cid, client in clients.items()})
+                continue
             instructions = {
                 cid: instruction_from_proto(pb.Instruction.FromString(encoded))
                 for cid, encoded in jobs.instructions.items()
             }
-            link.send(run_clients(clients, workspace, data, jobs.round, instructions, release_memory=True))
+            link.send(run_clients(clients, workspace, data, jobs.round, instructions, release_memory=True,
+                                  eval_data=eval_data, on_trained=lambda cid: link.send(ClientTrained(client_id=cid))))
         except Exception:  # noqa: BLE001 - any failure goes back to the parent, which stops the run
             link.send(WorkerFailure(traceback=traceback.format_exc()))
     link.close()
+
+
+def _serialized(state: dict[str, Any]) -> bytes:
+    """A strategy state as torch.save bytes: its tensors cross the pipe as data, not as shared-memory handles."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()

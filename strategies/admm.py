@@ -53,9 +53,10 @@ from fedtune.strategies.api import (
 )
 from fedtune.strategies.peft_lora import LoraOptions, LoraWorkspace
 from fedtune.strategies.registry import register
+from fedtune.tasks.config import TaskConfig
 from fedtune.tasks.data import TokenDataset
 from fedtune.tasks.models import ModelBundle
-from fedtune.tasks.training import LocalWork, local_batches, train_steps
+from fedtune.tasks.training import LocalWork, RunPosition, local_batches, train_steps
 
 DualMode = Literal["eliminated", "stored", "none"]
 
@@ -144,6 +145,10 @@ class AdmmClient(ClientStrategy[AdmmConfig, LoraWorkspace]):
         self.dual: TensorMap | None = None  # λ_k, kept only with dual = "stored"
         self.received: TensorMap | None = None  # the last global adapter received (target of idle rounds)
 
+    def receive(self, workspace: LoraWorkspace, instruction: Instruction) -> None:
+        """The (noisy) global adapter as received; federated evaluation evaluates that."""
+        workspace.set_tensors(instruction.tensors)
+
     def fit(self, workspace: LoraWorkspace, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
         received = _clone(instruction.tensors)
         start = self.local if self.config.warm_start == "local" and self.local is not None else received
@@ -184,7 +189,8 @@ class AdmmClient(ClientStrategy[AdmmConfig, LoraWorkspace]):
         batches = local_batches(data, train, self.batch_generator(round))
         duals = None if dual is None else [dual[name] for name in names]
         extra = admm_penalty(params, [target[name] for name in names], duals, self.config.rho)
-        work = train_steps(workspace.model, params, batches, train, extra_loss=extra)
+        position = RunPosition.of(round, self.context.rounds, len(data), train)
+        work = train_steps(workspace.model, params, batches, train, extra_loss=extra, position=position)
         self.local = workspace.get_tensors(names)
         if self.config.dual == "stored":
             assert dual is not None
@@ -273,6 +279,11 @@ def build_workspace(bundle: ModelBundle, config: AdmmConfig, context: RunContext
     return LoraWorkspace(bundle, config, context, freeze_a=False)
 
 
+def check_task(task: TaskConfig) -> None:
+    """The proximal and dual terms mix the received (CPU) tensors into every step: the CPU only."""
+    task.model.require_cpu("admm")
+
+
 DEFINITION = register(
     StrategyDefinition(
         name="admm",
@@ -283,5 +294,6 @@ DEFINITION = register(
         summary="Noise-robust ADMM (dual eliminated, one noisy download per round) over LoRA, after arXiv:2409.13451.",
         async_unsupported="its clients keep updating between rounds against the last download (the idle step), "
                           "which assumes synchronous rounds",
+        check_task=check_task,
     )
 )

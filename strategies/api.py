@@ -26,12 +26,21 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from typing_extensions import TypeVar
 
-from fedtune.tasks.config import TrainConfig
+from fedtune.tasks.config import TaskConfig, TrainConfig
 from fedtune.tasks.data import TokenDataset
+from fedtune.tasks.evaluation import evaluate
 from fedtune.tasks.models import ModelBundle
 
 TensorMap = dict[str, torch.Tensor]
 Setting = bool | int | float | str
+
+EVALUATE = "fedtune.evaluate"
+"""Instruction setting: evaluate the received global model on the held-out data before training, and
+send the results with the update (metrics `eval_loss`, `eval_accuracy`, `eval_exact_match`, `eval_examples`)."""
+EVALUATE_ONLY = "fedtune.evaluate_only"
+"""Instruction setting: only evaluate the received global model; the update carries no tensors, the
+evaluation metrics and `local_steps = 0` (the run's last exchange under federated evaluation)."""
+EVAL_METRICS = ("eval_loss", "eval_accuracy", "eval_exact_match")
 
 
 class InvalidUpdate(ValueError):
@@ -309,6 +318,28 @@ class ClientStrategy(ABC, Generic[C, W]):
         """A round this client takes no part in (not scheduled, or its instruction was lost).
         Default: nothing; noise-robust ADMM keeps updating locally here (arXiv:2409.13451)."""
 
+    def receive(self, workspace: W, instruction: Instruction) -> None:
+        """Make the workspace hold the instruction's global model, as `fit` does first; idempotent.
+        What federated evaluation evaluates; a strategy that does not implement it cannot use it."""
+        raise InvalidInstruction(f"{type(self).__name__} cannot load a global model for federated evaluation")
+
+    def respond(self, workspace: W, instruction: Instruction, data: TokenDataset,
+                eval_data: TokenDataset | None) -> ClientUpdate:
+        """What the client sends for `instruction`: `fit`'s update, after evaluating the received global model
+        on `eval_data` when the instruction asks (EVALUATE), or only that evaluation (EVALUATE_ONLY)."""
+        evaluated: dict[str, float] = {}
+        if eval_data is not None and (instruction.settings.get(EVALUATE) or instruction.settings.get(EVALUATE_ONLY)):
+            self.receive(workspace, instruction)
+            result = evaluate(workspace.model, eval_data, self.context.train.eval_batch_size)
+            evaluated = {"eval_loss": result.loss, "eval_accuracy": result.accuracy,
+                         "eval_exact_match": result.exact_match, "eval_examples": float(result.examples)}
+        if instruction.settings.get(EVALUATE_ONLY):
+            return ClientUpdate(client_id=self.client_id, round=instruction.round,
+                                num_examples=max(len(eval_data) if eval_data is not None else 1, 1),
+                                metrics={**evaluated, "local_steps": 0.0})
+        update = self.fit(workspace, instruction, data)
+        return update.model_copy(update={"metrics": {**update.metrics, **evaluated}}) if evaluated else update
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -334,6 +365,11 @@ def hash_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+def accept_any_task(task: TaskConfig) -> None:
+    """`StrategyDefinition.check_task` of a strategy whose local work honours every task setting."""
+    del task
+
+
 @dataclass(frozen=True)
 class StrategyDefinition:
     """A registry entry: the config model, both halves and how to build the workspace.
@@ -355,6 +391,10 @@ class StrategyDefinition:
     asynchronous: bool = False
     """Set by the `[asynchronous]` wrapper: updates may have been computed on older global models, which
     a wrapper applied outside it (DP, compression) must either handle or refuse at config time."""
+    check_task: Callable[[TaskConfig], None] = accept_any_task
+    """Refuses task settings its local work cannot honour (e.g. `train.max_grad_norm` under DP-SGD, a
+    `model.device` its own tensors cannot follow) with a ValueError naming the field; run on every config
+    at validation time. A wrapper that adds constraints chains the inner definition's check."""
 
     def parse_config(self, options: Mapping[str, Any]) -> StrategyConfig:
         return self.config.model_validate(dict(options))

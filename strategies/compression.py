@@ -259,7 +259,8 @@ class CompressionClient(ClientWrapper):
         super().__init__(inner)
         self.residual: TensorMap = {}
 
-    def fit(self, workspace: Workspace, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
+    def decoded(self, instruction: Instruction) -> tuple[CodecSettings, Instruction]:
+        """The uplink settings, and the instruction the inner half would have got uncompressed."""
         settings, inner_settings = CodecSettings.from_instruction(instruction)
         received: TensorMap = {}
         for name, tensor in instruction.tensors.items():
@@ -271,7 +272,14 @@ class CompressionClient(ClientWrapper):
                     raise InvalidInstruction(f"instruction: {error}") from error
             else:
                 received[name] = tensor
-        inner_instruction = Instruction(round=instruction.round, tensors=received, settings=inner_settings)
+        return settings, Instruction(round=instruction.round, tensors=received, settings=inner_settings)
+
+    def receive(self, workspace: Workspace, instruction: Instruction) -> None:
+        self.inner.receive(workspace, self.decoded(instruction)[1])
+
+    def fit(self, workspace: Workspace, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
+        settings, inner_instruction = self.decoded(instruction)
+        received = inner_instruction.tensors
         update = self.inner.fit(workspace, inner_instruction, data)
         if settings.codec == "none":
             return update

@@ -37,6 +37,7 @@ from fedtune.strategies.api import (
     hash_seed,
 )
 from fedtune.strategies.wrappers import ClientWrapper
+from fedtune.tasks.config import TaskConfig
 
 
 class Config(BaseModel):
@@ -176,5 +177,10 @@ def wrap(definition: StrategyDefinition, config: Config) -> StrategyDefinition:
             return dp_client.ClientLevelClient(inner, config)
         return dp_sample.SampleLevelClient(inner, config, definition.name)
 
-    return replace(definition, server=server, client=client,
+    def check_task(task: TaskConfig) -> None:
+        if config.level == "sample":
+            dp_sample.check_task(task)
+        definition.check_task(task)
+
+    return replace(definition, server=server, client=client, check_task=check_task,
                    summary=f"{definition.summary} With {config.level}-level differential privacy.")

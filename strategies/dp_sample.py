@@ -45,8 +45,9 @@ from fedtune.strategies.api import (
 )
 from fedtune.strategies.dp import Config, DpClientWrapper, calibrated_noise_multiplier, epsilon_of, private_generator
 from fedtune.strategies.wrappers import ServerWrapper
+from fedtune.tasks.config import TaskConfig
 from fedtune.tasks.data import IGNORE_INDEX, TokenDataset
-from fedtune.tasks.training import LOCAL_STEPS, make_optimizer, planned_steps, train_steps
+from fedtune.tasks.training import LOCAL_STEPS, RunPosition, make_optimizer, planned_steps, train_steps
 
 
 @dataclass
@@ -101,6 +102,19 @@ def poisson_batches(
                 return
             produced += 1
             yield data.collate([data.examples[i] for i in indices]) if indices else noise_only_batch(data)
+
+
+def check_task(task: TaskConfig) -> None:
+    """DP-SGD fixes how a step is made: one Poisson batch (the unit the accountant counts), each example's
+    gradient clipped to dp.clipping_norm, noise from CPU generators."""
+    if task.train.max_grad_norm is not None:
+        raise ValueError("train.max_grad_norm: sample-level DP-SGD already clips every example's gradient to "
+                         "dp.clipping_norm (its sensitivity bound); a second clip of the noised batch gradient would "
+                         "only distort the step, so it is refused: remove train.max_grad_norm")
+    if task.train.gradient_accumulation_steps != 1:
+        raise ValueError("train.gradient_accumulation_steps: a DP-SGD step is one Poisson-sampled batch, the unit "
+                         "its accountant counts; leave it at 1 (raise train.batch_size instead)")
+    task.model.require_cpu("sample-level DP-SGD")
 
 
 class SampleLevelClient(DpClientWrapper[C, W]):
@@ -177,7 +191,8 @@ class SampleLevelClient(DpClientWrapper[C, W]):
                 # The frozen embeddings need no input gradients; torch warns once per module about it.
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 batches = poisson_batches(data, sampler, planned_steps(len(data), train))
-                return train_steps(private_model, params, batches, train, optimizer=optimizer).loss
+                position = RunPosition.of(round, self.context.rounds, len(data), train)
+                return train_steps(private_model, params, batches, train, optimizer=optimizer, position=position).loss
         finally:
             optimizer.zero_grad(set_to_none=True)
             private_model._close()

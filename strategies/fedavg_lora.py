@@ -38,7 +38,7 @@ from fedtune.strategies.peft_lora import LoraOptions, LoraWorkspace
 from fedtune.strategies.registry import register
 from fedtune.tasks.data import TokenDataset
 from fedtune.tasks.models import ModelBundle
-from fedtune.tasks.training import LOCAL_STEPS, local_batches, train_steps
+from fedtune.tasks.training import LOCAL_STEPS, RunPosition, local_batches, train_steps
 
 
 class FedAvgLoraConfig(LoraOptions):
@@ -127,8 +127,11 @@ class FedAvgLoraClient(ClientStrategy[FedAvgLoraConfig, LoraWorkspace]):
     def use_local_trainer(self, trainer: LocalTrainer) -> None:
         self.local_trainer = trainer
 
-    def fit(self, workspace: LoraWorkspace, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
+    def receive(self, workspace: LoraWorkspace, instruction: Instruction) -> None:
         workspace.set_tensors(instruction.tensors)
+
+    def fit(self, workspace: LoraWorkspace, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
+        self.receive(workspace, instruction)
         names = list(instruction.tensors)
         train, round = self.context.train, instruction.round
         params = workspace.parameters_for(names)
@@ -137,7 +140,8 @@ class FedAvgLoraClient(ClientStrategy[FedAvgLoraConfig, LoraWorkspace]):
                 metrics = {"train_loss": self.local_trainer(workspace.model, params, data, round)}
             else:
                 batches = local_batches(data, train, self.batch_generator(round))
-                metrics = train_steps(workspace.model, params, batches, train).metrics()
+                position = RunPosition.of(round, self.context.rounds, len(data), train)
+                metrics = train_steps(workspace.model, params, batches, train, position=position).metrics()
         return ClientUpdate(
             client_id=self.client_id,
             round=instruction.round,

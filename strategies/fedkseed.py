@@ -77,9 +77,10 @@ from fedtune.strategies.fedkseed_kernels import (
     zeroth_order_step,
 )
 from fedtune.strategies.registry import register
-from fedtune.tasks.config import TrainConfig
+from fedtune.tasks.config import TaskConfig, TrainConfig
 from fedtune.tasks.data import TokenDataset
 from fedtune.tasks.models import ModelBundle, load_model
+from fedtune.tasks.progress import step_taken
 from fedtune.tasks.training import LOCAL_STEPS, TimeBudget, local_batches, planned_steps, planned_work
 
 SEED_INDEX = "seed_index"
@@ -109,6 +110,22 @@ def check_replay_linear(train: TrainConfig) -> None:
             f"train.weight_decay: fedkseed replays the seed history linearly and needs weight decay 0, "
             f"got {train.weight_decay}"
         )
+    if train.lr_schedule != "constant" or train.warmup_steps or train.warmup_ratio:
+        raise ValueError("train.lr_schedule: fedkseed replays every client's seed history with one constant η "
+                         "(train.learning_rate); leave lr_schedule = 'constant' without warm-up")
+
+
+def check_task(task: TaskConfig) -> None:
+    """Zeroth-order steps along CPU-generated seeds: no schedule (the replay is linear), no gradient to clip
+    or accumulate, the CPU only."""
+    check_replay_linear(task.train)
+    if task.train.gradient_accumulation_steps != 1:
+        raise ValueError("train.gradient_accumulation_steps: a fedkseed step is one two-point estimate on one "
+                         "batch; leave it at 1 (raise train.batch_size instead)")
+    if task.train.max_grad_norm is not None:
+        raise ValueError("train.max_grad_norm: a fedkseed step's gradient is one scalar along a seed; bound it "
+                         "with options.loss_diff_clip instead")
+    task.model.require_cpu("fedkseed")
 
 
 class SeedWorkspace:
@@ -373,8 +390,9 @@ class FedKSeedClient(ClientStrategy[FedKSeedConfig, SeedWorkspace]):
     Holds no state: which version a model holds is the workspace's business (one per process).
     """
 
-    def synchronize(self, workspace: SeedWorkspace, instruction: Instruction) -> None:
-        """Make the workspace hold the instruction's target version."""
+    def receive(self, workspace: SeedWorkspace, instruction: Instruction) -> None:
+        """Make the workspace hold the instruction's target version (idempotent: a model already there
+        replays nothing)."""
         settings = instruction.settings
         try:
             base = Version(int(settings["base_version"]), str(settings["base_digest"]))
@@ -404,7 +422,7 @@ class FedKSeedClient(ClientStrategy[FedKSeedConfig, SeedWorkspace]):
         return torch.multinomial(seed_probabilities(levels), steps, replacement=True, generator=generator).tolist()
 
     def fit(self, workspace: SeedWorkspace, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
-        self.synchronize(workspace, instruction)
+        self.receive(workspace, instruction)
         train = self.context.train
         batches = local_batches(data, train, self.batch_generator(instruction.round))
         indices = self.draw_seeds(instruction, planned_steps(len(data), train), self.seed_generator(instruction.round))
@@ -419,6 +437,7 @@ class FedKSeedClient(ClientStrategy[FedKSeedConfig, SeedWorkspace]):
                 partial(batch_loss, workspace.model, batch), self.config.loss_diff_clip,
             )
             steps += 1
+            step_taken(steps)
             if step is not None:
                 accumulated[index] = accumulated.get(index, 0.0) + step.scalar_grad
                 losses.append(step.loss)
@@ -452,6 +471,7 @@ DEFINITION = register(
         client=FedKSeedClient,
         build_workspace=build_workspace,
         summary="FedKSeed(-Pro): full-parameter zeroth-order tuning; only (seed, scalar) pairs travel.",
+        check_task=check_task,
         async_unsupported="its updates are scalar gradients along the round's shared seeds, replayed in order on "
                           "every client, not model states that could be rebased",
     )

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedtune.strategies.api import (
-    ClientUpdate,
     Instruction,
     InvalidInstruction,
     RunContext,
@@ -22,7 +21,6 @@ from fedtune.strategies.api import (
 from fedtune.strategies.fedavg_lora import FedAvgLoraClient, FedAvgLoraConfig, FedAvgLoraServer
 from fedtune.strategies.peft_lora import LoraWorkspace, is_lora_a
 from fedtune.strategies.registry import register
-from fedtune.tasks.data import TokenDataset
 from fedtune.tasks.models import ModelBundle
 
 A_DIGEST = "lora_A_sha256"
@@ -62,14 +60,15 @@ class FfaLoraServer(FedAvgLoraServer):
 class FfaLoraClient(FedAvgLoraClient):
     """Checks its frozen A against the server's digest, then trains B exactly as FedAvg-LoRA."""
 
-    def fit(self, workspace: LoraWorkspace, instruction: Instruction, data: TokenDataset) -> ClientUpdate:
+    def receive(self, workspace: LoraWorkspace, instruction: Instruction) -> None:
+        """Refuse a global B meant for another A: B·A would be meaningless."""
         local = workspace.digest(frozen_names(workspace))
         if instruction.settings.get(A_DIGEST) != local:
             raise InvalidInstruction(
                 f"instruction {A_DIGEST}: the server's frozen A differs from this client's "
                 "(different run seed, model or fedtune version)"
             )
-        return super().fit(workspace, instruction, data)
+        super().receive(workspace, instruction)
 
 
 def build_workspace(bundle: ModelBundle, config: FfaLoraConfig, context: RunContext) -> LoraWorkspace:

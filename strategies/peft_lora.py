@@ -51,6 +51,7 @@ class LoraWorkspace:
         )
         self.model: PeftModel = get_peft_model(bundle.model, peft_config)
         self.tokenizer = bundle.tokenizer
+        self.base_model_name = bundle.name
         self._by_wire_name = self._map_wire_names()
         self._seed_lora_a(context.seed)
         if freeze_a:
@@ -88,7 +89,8 @@ class LoraWorkspace:
         return [self._by_wire_name[name] for name in names]
 
     def get_tensors(self, names: Iterable[str]) -> TensorMap:
-        return {name: self._by_wire_name[name].detach().clone() for name in names}
+        """Copies on the CPU, where messages and aggregation live, whatever `model.device` is."""
+        return {name: self._by_wire_name[name].detach().to("cpu", copy=True) for name in names}
 
     @torch.no_grad()
     def set_tensors(self, tensors: TensorMap) -> None:
@@ -100,9 +102,13 @@ class LoraWorkspace:
         hasher = hashlib.sha256()
         for name in names:
             hasher.update(name.encode())
-            hasher.update(self._by_wire_name[name].detach().contiguous().numpy().tobytes())
+            hasher.update(self._by_wire_name[name].detach().cpu().contiguous().numpy().tobytes())
         return hasher.hexdigest()
 
     def save(self, directory: Path) -> None:
-        """PEFT format: adapter_config.json + adapter_model.safetensors."""
-        self.model.save_pretrained(str(directory))
+        """PEFT format: adapter_config.json, recording the base model as configured (`ModelBundle.name`), and
+        adapter_model.safetensors. The vocabulary is never resized here, so no embedding layer is saved (and
+        peft need not look the base model up to decide)."""
+        for config in self.model.peft_config.values():
+            config.base_model_name_or_path = self.base_model_name
+        self.model.save_pretrained(str(directory), save_embedding_layers=False)

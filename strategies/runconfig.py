@@ -2,7 +2,8 @@
 
 `RunFields` is what a client needs to take part (`protos.runspec.RunSpec` carries exactly these);
 `RunConfig` is the file users write: those fields, plus one top-level table per registered wrapper
-(`[dp]`, `[compression]`: `registry.WRAPPER_MODULES` is the only list of them) and `[partition]`.
+(`[dp]`, `[compression]`: `registry.WRAPPER_MODULES` is the only list of them), `[partition]` and
+`[tracking]`.
 fedsim's and fedserver's configs add their own sections to it, so an experiment moves between them
 unchanged. `load_run_config` reads any of them, with one set of error messages.
 """
@@ -20,7 +21,14 @@ from pydantic import Field, ValidationError, create_model, model_validator
 from fedtune.strategies import fedbuff
 from fedtune.strategies.api import RunContext, StrategyConfig, StrategyDefinition
 from fedtune.strategies.registry import WRAPPER_MODULES, resolve, validate_run_options
-from fedtune.tasks.config import PartitionConfig, TaskConfig, format_validation_error, resolve_path
+from fedtune.tasks.config import (
+    PartitionConfig,
+    StrictModel,
+    TaskConfig,
+    format_validation_error,
+    resolve_model_path,
+    resolve_path,
+)
 
 WrapperSections = dict[str, dict[str, Any] | None]
 
@@ -72,6 +80,23 @@ else:
     _RunFieldsWithWrapperSections = with_wrapper_sections(RunFields)
 
 
+class TrackingConfig(StrictModel):
+    """`[tracking]`: experiment trackers that get every metrics.jsonl value, and each accepted update's metrics.
+
+    Output only: clients are never sent it, and a resumed run may change it. <out> is fedsim's --out and
+    fedserver's server.run_dir.
+    """
+
+    tensorboard: bool = Field(False, description="TensorBoard event files in <out>/tensorboard "
+                                                  "(pip install 'fedtune[tensorboard]').")
+    mlflow: bool = Field(False, description="An MLflow run (pip install 'fedtune[mlflow]').")
+    mlflow_tracking_uri: str | None = Field(None, description="Where the MLflow run goes: a file store "
+                                                              "(file:///abs/path), sqlite:///..., http://host:5000; "
+                                                              "default: a file store in <out>/mlruns.")
+    mlflow_experiment: str = Field("fedtune", min_length=1, description="MLflow experiment (created if absent).")
+    mlflow_run_name: str | None = Field(None, description="MLflow run name; default: the out dir's name.")
+
+
 class RunConfig(_RunFieldsWithWrapperSections):
     """The run part of a config file, which fedsim's and fedserver's configs extend."""
 
@@ -79,11 +104,17 @@ class RunConfig(_RunFieldsWithWrapperSections):
     OVERRIDES_SECTION: ClassVar[str | None] = None
 
     partition: PartitionConfig = PartitionConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _strategy_and_wrappers(self) -> Self:
         self.strategy_config()
-        self.definition()  # a wrapper that cannot wrap this strategy (e.g. [asynchronous] over fedkseed) says so here
+        # a wrapper that cannot wrap this strategy (e.g. [asynchronous] over fedkseed) says so here, and the
+        # wrapped strategy refuses task settings it cannot honour (e.g. train.max_grad_norm under DP-SGD)
+        self.definition().check_task(self)
+        if self.evaluation.federated and self.wrappers().get("asynchronous") is not None:
+            raise ValueError("evaluation.federated: clients evaluate the model a round starts from, which asynchronous "
+                             "rounds do not share; use central evaluation with [asynchronous]")
         return self
 
     def wrappers(self) -> WrapperSections:
@@ -100,7 +131,7 @@ class RunConfig(_RunFieldsWithWrapperSections):
         return self.model_copy(update={
             "data": self.data.model_copy(update={key: resolve_path(value, base_dir) for key, value in data.items()
                                                  if value}),
-            "model": self.model.model_copy(update={"path": resolve_path(self.model.path, base_dir)}),
+            "model": self.model.model_copy(update={"path": resolve_model_path(self.model.path, base_dir)}),
         })
 
 

@@ -89,6 +89,9 @@ class ClientWrapper(ClientStrategy[C, W]):
     def idle(self, workspace: W, round: int, data: TokenDataset) -> None:
         self.inner.idle(workspace, round, data)
 
+    def receive(self, workspace: W, instruction: Instruction) -> None:
+        self.inner.receive(workspace, instruction)
+
     def state_dict(self) -> dict[str, Any]:
         return {"inner": self.inner.state_dict()}
 

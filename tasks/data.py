@@ -28,21 +28,63 @@ class DataError(ValueError):
     """A data file or field is unusable; the message names the file or field."""
 
 
-def load_records(source: str, seed: int = 0, limit: int | None = None) -> list[Record]:
-    """Rows from a built-in generator, a file, or every supported file of a directory (sorted)."""
+def data_files(source: str) -> list[Path]:
+    """The files a data source reads (none for a built-in generator), in the order `load_records` reads them."""
     if source in BUILTIN_DATASETS:
-        return BUILTIN_DATASETS[source](limit or 4000, seed)
+        return []
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in SUPPORTED_SUFFIXES)
         if not files:
             raise DataError(f"data: directory {str(path)!r} holds no {'/'.join(SUPPORTED_SUFFIXES)} file")
-        rows = [row for file in files for row in _read_file(file)]
-    elif path.is_file():
-        rows = _read_file(path)
-    else:
-        raise DataError(f"data: {str(path)!r} does not exist")
+        return files
+    if path.is_file():
+        return [path]
+    raise DataError(f"data: {str(path)!r} does not exist")
+
+
+def load_records(source: str, seed: int = 0, limit: int | None = None) -> list[Record]:
+    """Rows from a built-in generator, a file, or every supported file of a directory (sorted)."""
+    if source in BUILTIN_DATASETS:
+        return BUILTIN_DATASETS[source](limit or 4000, seed)
+    rows = [row for file in data_files(source) for row in _read_file(file)]
     return rows[:limit] if limit else rows
+
+
+def require_fields(source: str, data: DataConfig, kind: ModelKind) -> None:
+    """Check that every file of `source` has the fields the model kind reads, from its header or first row,
+    so a missing column is reported by name before a model is loaded."""
+    needed = [("text_field", data.text_field, "input text"), ("label_field", data.label_field, "integer labels")]
+    if kind == "causal_lm":
+        needed = [("response_field", data.response_field, "responses")]
+    for file in data_files(source):
+        fields = _first_fields(file)
+        for setting, name, holding in needed:
+            if fields is not None and name not in fields:
+                raise DataError(f"data.{setting}: {file} has no column {name!r} (its columns: {', '.join(fields)}); "
+                                f"set data.{setting} to the column holding the {holding}")
+
+
+def _first_fields(path: Path) -> list[str] | None:
+    """The column names of a csv/tsv header or of a jsonl/json file's first row; None for an empty file."""
+    if path.suffix in (".csv", ".tsv"):
+        with path.open(encoding="utf-8", newline="") as handle:
+            header = next(csv.reader(handle, delimiter="\t" if path.suffix == ".tsv" else ","), None)
+        return header
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as handle:
+            line = next((line for line in handle if line.strip()), None)
+        rows = [] if line is None else [_json_row(line, path)]
+    else:
+        rows = _read_file(path)
+    return list(rows[0]) if rows and isinstance(rows[0], dict) else None
+
+
+def _json_row(line: str, path: Path) -> Record:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"data: cannot parse {path}: {error}") from error
 
 
 def _read_file(path: Path) -> list[Record]:
@@ -199,9 +241,26 @@ class TokenDataset:
             for start in range(0, len(order), batch_size):
                 yield self.collate([self.examples[i] for i in order[start : start + batch_size]])
 
+    def held_out(self, fraction: float, generator: torch.Generator) -> tuple[TokenDataset, TokenDataset | None]:
+        """(training part, evaluation part): a seeded `fraction` of the examples (at least one) kept out of
+        training for federated evaluation; None when there are too few examples to spare one."""
+        if len(self.examples) < 2:
+            return self, None
+        order = torch.randperm(len(self.examples), generator=generator).tolist()
+        size = max(1, int(len(order) * fraction))
+        evaluated, trained = sorted(order[:size]), sorted(order[size:])
+        return (TokenDataset([self.examples[i] for i in trained], self.kind, self.pad_token_id),
+                TokenDataset([self.examples[i] for i in evaluated], self.kind, self.pad_token_id))
+
     def eval_batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         for start in range(0, len(self.examples), batch_size):
             yield self.collate(self.examples[start : start + batch_size])
+
+
+def to_model_device(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`batch` (built on the CPU) on the device of `model`'s parameters (`model.device`); a no-op on the CPU."""
+    device = next(model.parameters()).device
+    return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
 def encode(
@@ -229,10 +288,11 @@ def _field(row: Record, name: str, index: int) -> Any:
 
 def _encode_classification(row, index, tokenizer, data: DataConfig, max_length) -> EncodedExample:
     text = str(_field(row, data.text_field, index))
+    value = _field(row, data.label_field, index)
     try:
-        label = int(_field(row, data.label_field, index))
+        label = int(value)
     except (TypeError, ValueError) as error:
-        raise DataError(f"data.label_field: row {index} label is not an integer") from error
+        raise DataError(f"data.label_field: row {index} label {value!r} is not an integer") from error
     ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
     return EncodedExample(tuple(ids), label)
 

@@ -6,7 +6,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from fedtune.tasks.data import IGNORE_INDEX, TokenDataset
+from fedtune.tasks.data import IGNORE_INDEX, TokenDataset, to_model_device
 
 
 class EvalResult(BaseModel):
@@ -25,7 +25,8 @@ def evaluate(model: nn.Module, dataset: TokenDataset, batch_size: int) -> EvalRe
     was_training = model.training
     model.eval()
     loss_sum, correct, counted, exact = 0.0, 0, 0, 0
-    for batch in dataset.eval_batches(batch_size):
+    for cpu_batch in dataset.eval_batches(batch_size):
+        batch = to_model_device(cpu_batch, model)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         if dataset.kind == "seq_cls":
             labels = batch["labels"]

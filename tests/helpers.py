@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from fedtune.fedclient.client import ClientSettings, FederatedClient
+from fedtune.fedclient.connection import ConnectionSettings
 from fedtune.simulations.config import SimulationConfig
 
 
@@ -24,3 +27,11 @@ def tiny_config(**overrides: Any) -> SimulationConfig:
             base[key] = value
     return SimulationConfig.model_validate(base)
 
+
+
+def unconnected_client(tmp_path: Path, data: Path, device: str | None = None) -> FederatedClient:
+    """A fedclient for a server that is never called: enough to build its workspace from a run spec."""
+    connection = ConnectionSettings(server="127.0.0.1:9", token=None, ca=None, insecure=True,
+                                    max_message_bytes=1 << 20, give_up_after_s=1.0, max_backoff_s=1.0)
+    return FederatedClient(ClientSettings(connection=connection, data=data, state_file=tmp_path / "state.pt",
+                                          device=device))

@@ -21,7 +21,7 @@ CONFIGS = [SimulationConfig, ServerConfig]
 
 def test_fedsim_and_fedserver_add_only_their_own_sections_to_the_base():
     assert set(SimulationConfig.model_fields) - set(RunConfig.model_fields) == {
-        "workers", "channel", "devices", "round_deadline_s", "quorum"}
+        "workers", "threads", "channel", "devices", "round_deadline_s", "quorum"}
     assert set(ServerConfig.model_fields) - set(RunConfig.model_fields) == {"server", "limits"}
     for config_class in CONFIGS:
         assert issubclass(config_class, RunConfig) and set(RunConfig.model_fields) <= set(config_class.model_fields)
@@ -30,7 +30,7 @@ def test_fedsim_and_fedserver_add_only_their_own_sections_to_the_base():
 def test_the_run_spec_is_the_base_run_fields_plus_the_wrappers():
     assert issubclass(RunSpec, RunFields) and issubclass(RunConfig, RunFields)
     assert set(RunSpec.model_fields) == {*RunFields.model_fields, "wrapper_sections"}
-    assert set(RunConfig.model_fields) == {*RunFields.model_fields, *WRAPPER_MODULES, "partition"}
+    assert set(RunConfig.model_fields) == {*RunFields.model_fields, *WRAPPER_MODULES, "partition", "tracking"}
 
 
 def test_wrapper_sections_come_from_the_registry_table_in_its_order():
@@ -51,7 +51,7 @@ def test_a_wrapper_added_to_the_table_gets_its_section_and_is_kept_on_resume(mon
 def test_run_spec_json_on_the_wire_keeps_its_layout():
     config = ServerConfig.model_validate({"strategy": "ffa_lora", "rounds": 3, "compression": {"codec": "int8"}})
     wire = json.loads(config.run_spec().model_dump_json())
-    assert set(wire) == {"strategy", "options", "wrappers", "model", "data", "train", "rounds", "seed"}
+    assert set(wire) == {"strategy", "options", "wrappers", "model", "data", "train", "evaluation", "rounds", "seed"}
     assert wire["wrappers"] == {"asynchronous": None, "dp": None, "compression": {"codec": "int8"}}
     assert wire["strategy"] == "ffa_lora" and wire["rounds"] == 3 and wire["model"] == config.model.model_dump()
     spec = RunSpec.model_validate_json(config.run_spec().model_dump_json())

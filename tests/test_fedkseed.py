@@ -138,8 +138,8 @@ def test_skipped_client_catches_up_to_the_same_weights_by_replay():
 
     behind, current = server.instruction(4, "b"), server.instruction(4, "a")
     assert behind.settings["base_version"] == 0 and current.settings["base_version"] == 2
-    clients["b"].synchronize(workspaces["b"], behind)
-    clients["a"].synchronize(workspaces["a"], current)
+    clients["b"].receive(workspaces["b"], behind)
+    clients["a"].receive(workspaces["a"], current)
     server.load_global_into(server_space)
     assert workspaces["b"].version == workspaces["a"].version == server_space.version
     assert workspaces["b"].digest() == workspaces["a"].digest() == server_space.digest()
@@ -404,7 +404,7 @@ def test_far_behind_client_gets_the_checkpoint_when_it_is_fewer_bytes():
         space = SeedWorkspace(llama_bundle(hidden=8, layers=1), config, ctx)
         if client_id == "client-old":
             space.catch_up(GENESIS, server.history[:9], versions_along(GENESIS, server.history[:9])[-1])
-        FedKSeedClient(config, ctx, client_id).synchronize(space, instruction)
+        FedKSeedClient(config, ctx, client_id).receive(space, instruction)
         assert space.digest() == server_space.digest() and space.version == server_space.version
 
 

@@ -19,7 +19,7 @@ from fedtune.fedserver.config import ServerConfig
 from fedtune.fedserver.coordinator import Coordinator, PollAnswer, PollKind
 from fedtune.fedserver.engine import RoundEngine
 from fedtune.fedserver.metrics import MetricsLog
-from fedtune.fedserver.service import STATUS_CODES, pull_status, refusal_status
+from fedtune.fedserver.service import STATUS_CODES, heartbeat_activity, pull_status, refusal_status
 from fedtune.fedserver.store import RunStore
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.strategies.api import (
@@ -117,7 +117,7 @@ def test_each_refusal_reason_is_decided_by_the_engine_before_and_at_submit(tmp_p
     assert refusal(lambda: engine.check_upload("a", 1)) == refusal(lambda: engine.submit(update("a", 1))) == duplicate
     state = engine.current
     assert state is not None and sorted(state.accepted) == ["a"] and state.stragglers() == ["b"]
-    assert list(state.rejected) == ["a"]  # an invalid reply is counted, a refused one is not
+    assert list(state.rejected) == []  # an invalid reply counts until its client's corrected one is accepted
     engine.finish_round()
     engine.end_run("all 1 rounds completed")
     assert refusal(lambda: engine.check_upload("a", 1)) == (Refusal.RUN_OVER, "the run is over; no update is taken")
@@ -130,6 +130,31 @@ def test_a_client_whose_reply_was_rejected_is_not_a_straggler(tmp_path: Path):
     engine.submit(update("a", 1))
     assert engine.current is not None and engine.current.stragglers() == ["c"]
     assert engine.finish_round().rejected == 1
+
+
+def test_the_rounds_train_loss_is_weighted_over_the_updates_that_report_one(tmp_path: Path):
+    engine = mean_engine(tmp_path)
+    engine.begin_round(1, ["a", "b", "c"])
+    engine.submit(update("a", 1, num_examples=1).model_copy(update={"metrics": {"train_loss": 2.0}}))
+    engine.submit(update("b", 1, num_examples=3).model_copy(update={"metrics": {"train_loss": 4.0}}))
+    engine.submit(update("c", 1, num_examples=100))  # no train_loss: not in its mean
+    assert engine.finish_round().train_loss == (2.0 * 1 + 4.0 * 3) / 4
+
+
+def test_a_client_name_is_matched_in_full(tmp_path: Path):
+    async def test() -> None:
+        coordinator = await started(server_config(tmp_path), [], joining_later=["x"])
+        reason, message = await refused(coordinator.register("token-x", "client-1\n", DeviceProfile()))
+        assert reason is Refusal.MALFORMED and "RegisterRequest.name" in message
+        assert await coordinator.register("token-x", "client-1", DeviceProfile()) == "client-1"
+
+    scenario(test)
+
+
+async def refused(call: Awaitable[object]) -> tuple[Refusal, str]:
+    with pytest.raises(Refused) as caught:
+        await call
+    return caught.value.reason, str(caught.value)
 
 
 # -- the coordinator's lifecycle --------------------------------------------------------------
@@ -319,3 +344,13 @@ def test_every_refusal_reason_and_poll_answer_has_its_grpc_form():
         pb.PullStatus(kind=pb.PullStatus.WAIT, rounds=3, round=2, reason="r", retry_after_ms=5000, sits_out=True))
     told = pull_status(PollAnswer(PollKind.INSTRUCTION, 3, round=1, deadline=1_700_000_000.1234))
     assert (told.kind, told.deadline_unix_ms, told.retry_after_ms) == (pb.PullStatus.INSTRUCTION, 1_700_000_000_123, 0)
+
+
+@pytest.mark.parametrize("request_fields, shown", [
+    ({"activity": "training", "round": 3, "progress": 0.4}, "training round 3 40%"),
+    ({"activity": "waiting", "round": 0, "progress": 0.0}, "waiting"),
+    ({"activity": "training\n[fake] log", "round": 1, "progress": float("nan")}, "training[fake] log round 1"),
+    ({"activity": "x" * 500, "round": 2, "progress": 7.0}, "x" * 64 + " round 2"),
+])
+def test_fedserver_status_shows_a_heartbeats_round_and_progress_and_nothing_unbounded(request_fields, shown):
+    assert heartbeat_activity(pb.HeartbeatRequest(**request_fields)) == shown

@@ -280,6 +280,26 @@ def test_server_and_three_clients_give_fedsims_global_model(case: str, tmp_path:
     assert_same_tensors(server.global_model(), want.global_model)
 
 
+def test_a_server_without_data_gets_the_clients_evaluation_as_fedsim_computes_it(tmp_path: Path):
+    """Federated evaluation only: the server's data.train does not exist and is never read; every row,
+    the final model's included, holds the clients' example-weighted evaluation, equal to fedsim's."""
+    config = run_config("fedavg_lora", evaluation={"federated": True, "central": False})
+    tokens = init_run(tmp_path / "run", len(CLIENTS))
+    files = write_partitions(config, tmp_path)
+    no_data = {**config, "data": {**config["data"], "train": str(tmp_path / "not-on-the-server.jsonl")}}
+    server = start_server(tmp_path, no_data, {"min_clients": 3})
+    clients = [start_client(server, tmp_path, cid, files[cid], token)
+               for cid, token in zip(CLIENTS, tokens, strict=False)]
+    want = fedsim_run(config, tmp_path / "fedsim")
+    finish(clients, tmp_path)
+    assert server.wait(60) == 0, server.output()[-3000:]
+    rows = server.metrics()
+    assert [row["round"] for row in rows] == [0, 1, 2] and all(row["eval_loss"] is None for row in rows)
+    keys = ("fed_eval_loss", "fed_eval_accuracy", "fed_eval_examples", "fed_eval_clients")
+    assert [[row[key] for key in keys] for row in rows] == [[row[key] for key in keys] for row in want.metrics]
+    assert_same_tensors(server.global_model(), want.global_model)
+
+
 @pytest.fixture
 def one_torch_thread() -> Iterator[None]:
     """In-process training uses one thread, like the subprocesses and the fedsim reference."""
