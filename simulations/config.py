@@ -22,7 +22,8 @@ class SimulationConfig(RunConfig):
         1, ge=1, le=64, description="Processes running clients; >1 forks workers sharing the base model."
     )
     threads: int | None = Field(
-        None, ge=1, le=1024, description="torch threads per process (fedsim's and each worker's); default: "
+        None, ge=1, le=1024, description="torch threads of fedsim's own process (its clients when workers = 1; "
+                                         "evaluation and aggregation); forked workers run one each. Default: "
                                          "OMP_NUM_THREADS when set, else this machine's cores ÷ workers, so the run "
                                          "never oversubscribes it.")
     channel: ChannelConfig | None = Field(None, description="Noisy links (fedsim only); see simulations.channel.")
@@ -36,7 +37,7 @@ class SimulationConfig(RunConfig):
                                                         "once its deadline has passed (as fedserver's).")
 
     def process_threads(self) -> int:
-        """`threads`, or this machine's share for each of the run's processes."""
+        """fedsim's own torch threads: `threads`, or this machine's share for each of the run's processes."""
         return self.threads or default_threads(self.workers)
 
     def with_resolved_paths(self, base_dir: Path | None) -> Self:

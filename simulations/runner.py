@@ -295,7 +295,7 @@ def run_simulation(config: SimulationConfig, out_dir: Path, show_progress: bool 
     pool = None
     if config.workers > 1:
         pool = WorkerPool(federation.clients, federation.workspace, federation.data.clients, config.workers,
-                          federation.eval_data, config.process_threads())
+                          federation.eval_data)
     central_data = federation.data.eval if config.evaluation.central else None
     metrics_log = MetricsLog(out_dir, tracking_for(config, out_dir))
     engine = RoundEngine(federation.server, federation.workspace, central_data, config.train.eval_batch_size,

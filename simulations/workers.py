@@ -5,8 +5,10 @@ client halves) in the parent and only then forks N processes. Forked pages are s
 copy-on-write and nobody writes the frozen base weights, so N workers cost one model plus, per
 worker, the adapter, optimizer state, activations and the bits of heap it touches, not one model
 per worker (which is what an actor-per-worker simulation such as Flower's pays). Each worker runs
-`threads` torch threads (fedsim's default: cores ÷ workers), so the workers never oversubscribe the
-machine: on a small CPU, N single-thread processes beat one process with N threads.
+one torch thread: OpenMP's thread pool (libgomp) does not survive fork, so a forked process that asks
+for a parallel region after its parent has run one waits forever for threads that were never copied
+(torch's DataLoader workers run one thread for the same reason). N single-thread workers are also the
+fastest use of N cores; raise `workers`, not threads, to use more of them.
 
 Client state: every client id is pinned to one worker for the whole run (round-robin over the
 sorted ids), so its ClientStrategy object (ADMM duals, a DP accountant, error feedback) lives in
@@ -42,6 +44,9 @@ from fedtune.protos.convert import instruction_from_proto, instruction_to_proto,
 from fedtune.strategies.api import ClientRetired, ClientStrategy, Instruction, Workspace
 from fedtune.tasks.data import TokenDataset
 from fedtune.tasks.threads import apply_threads
+
+WORKER_THREADS = 1
+"""torch threads in a forked worker: any more and it can hang in OpenMP (module docstring)."""
 
 
 class ClientOutcome(BaseModel):
@@ -131,7 +136,6 @@ class WorkerPool:
         data: Mapping[str, TokenDataset],
         workers: int,
         eval_data: Mapping[str, TokenDataset | None] | None = None,
-        threads: int = 1,
     ):
         if workers < 2:
             raise ValueError(f"workers: a pool needs at least 2 workers, got {workers}")
@@ -147,7 +151,7 @@ class WorkerPool:
             owned = {cid: client for cid, client in clients.items() if self.owner[cid] == worker}
             parent_end, child_end = context.Pipe()
             process = context.Process(
-                target=_serve, args=(child_end, owned, workspace, data, eval_data or {}, threads),
+                target=_serve, args=(child_end, owned, workspace, data, eval_data or {}),
                 name=f"fedsim-worker-{worker}",
                 daemon=True,
             )
@@ -265,10 +269,9 @@ def _serve(
     workspace: Workspace,
     data: Mapping[str, TokenDataset],
     eval_data: Mapping[str, TokenDataset | None],
-    threads: int,
 ) -> None:
     """A worker's loop: decode the round's instructions, run its clients, send encoded outcomes."""
-    apply_threads(threads)
+    apply_threads(WORKER_THREADS)
     _map_large_allocations()
     while (jobs := link.recv()) is not None:
         try:

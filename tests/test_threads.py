@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,16 +19,6 @@ from fedtune.simulations.workers import _serve
 from fedtune.strategies.runconfig import ConfigError, parse_run_config
 from fedtune.tasks import threads
 from fedtune.tasks.threads import THREAD_VARIABLES, apply_threads, default_threads
-
-
-@pytest.fixture
-def restored_threads(monkeypatch):
-    """Whatever a test sets, the session goes on with its own torch threads and environment."""
-    before = torch.get_num_threads()
-    for variable in THREAD_VARIABLES:
-        monkeypatch.setenv(variable, os.environ.get(variable, ""))
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -46,20 +39,44 @@ def test_an_omp_num_threads_the_user_set_is_the_default(six_cores, monkeypatch):
     assert SimulationConfig(threads=4).process_threads() == 4
 
 
-def test_applying_sets_torch_and_the_environment_of_child_processes(restored_threads):
+def test_applying_sets_torch_and_the_environment_of_child_processes():
     apply_threads(3)
     assert torch.get_num_threads() == 3
     assert all(os.environ[variable] == "3" for variable in THREAD_VARIABLES)
 
 
-def test_a_forked_worker_applies_its_share(restored_threads):
+def test_a_forked_worker_runs_one_thread():
+    apply_threads(2)
     parent, child = multiprocessing.Pipe()
     parent.send(None)  # stop at once: only the start-up runs
-    _serve(child, {}, None, {}, {}, 3)
-    assert torch.get_num_threads() == 3
+    _serve(child, {}, None, {}, {})
+    assert torch.get_num_threads() == 1
 
 
-def test_fedsim_applies_its_threads_before_the_run_starts(restored_threads, monkeypatch, six_cores):
+FORK_AFTER_PARALLEL_WORK = """
+import torch
+from pathlib import Path
+from fedtune.simulations.runner import run_simulation
+from tests.helpers import tiny_config
+square = torch.randn(1000, 1000)
+(square @ square).cos()  # OpenMP's pool now has two threads, which a fork does not copy
+run_simulation(tiny_config(rounds=1, workers=2), Path({out!r}), show_progress=False)
+"""
+
+
+@pytest.mark.e2e
+def test_workers_forked_after_multithreaded_work_finish(tmp_path):
+    """Regression: with OMP_NUM_THREADS=2 set, workers forked from a process that had run two-thread work asked
+    OpenMP for two threads and hung for ever in their first forward pass."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(Path(__file__).parents[1])}
+    script = FORK_AFTER_PARALLEL_WORK.format(out=str(tmp_path / "run"))
+    finished = subprocess.run([sys.executable, "-c", script], env=environment, timeout=300, capture_output=True,
+                              text=True)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert (tmp_path / "run" / "global" / "adapter_model.safetensors").exists()
+
+
+def test_fedsim_applies_its_threads_before_the_run_starts(monkeypatch, six_cores):
     seen = []
 
     def record(*args, **kwargs):
