@@ -26,6 +26,8 @@ def commands(scratch: Path) -> list[tuple[str, list[str], int]]:
     """(label, argv, expected exit status) for each measured command."""
     bad = scratch / "bad.toml"
     bad.write_text('strategy = "ffa_lora"\n[train]\nbatch_sise = 4\n')
+    bad_options = scratch / "bad_options.toml"  # the strategy's own options: its module (and torch) must load
+    bad_options.write_text('strategy = "ffa_lora"\n[options]\nrank = "four"\n')
     return [
         ("python -c pass", [sys.executable, "-c", "pass"], 0),
         ("fedsim --help", [str(BIN / "fedsim"), "--help"], 0),
@@ -33,9 +35,13 @@ def commands(scratch: Path) -> list[tuple[str, list[str], int]]:
         ("fedsim run --help", [str(BIN / "fedsim"), "run", "--help"], 0),
         ("fedsim strategies", [str(BIN / "fedsim"), "strategies"], 0),
         ("fedsim run bad.toml (config error)", [str(BIN / "fedsim"), "run", str(bad), "--out", str(scratch)], 2),
+        ("fedsim run bad_options.toml (error in [options])",
+         [str(BIN / "fedsim"), "run", str(bad_options), "--out", str(scratch)], 2),
         ("fedserver --help", [str(BIN / "fedserver"), "--help"], 0),
         ("fedserver --version", [str(BIN / "fedserver"), "--version"], 0),
         ("fedserver start --help", [str(BIN / "fedserver"), "start", "--help"], 0),
+        ("fedserver start --config bad.toml (config error)",
+         [str(BIN / "fedserver"), "start", "--config", str(bad), "--run-dir", str(scratch)], 2),
         ("fedclient --help", [str(BIN / "fedclient"), "--help"], 0),
         ("fedclient --version", [str(BIN / "fedclient"), "--version"], 0),
         ("fedclient join --help", [str(BIN / "fedclient"), "join", "--help"], 0),

@@ -32,7 +32,8 @@ from fedtune.fedclient.connection import RETRYABLE
 from fedtune.fedserver.cli import main as fedserver_main
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos import fedtune_pb2_grpc as rpc
-from fedtune.protos.payload import PROTOCOL_VERSION, Limits, PayloadReader, instruction_from_stream, update_messages
+from fedtune.protos.limits import Limits
+from fedtune.protos.payload import PROTOCOL_VERSION, PayloadReader, instruction_from_stream, update_messages
 from fedtune.strategies.api import ClientUpdate
 
 MiB = 1 << 20

@@ -22,9 +22,9 @@ from transformers import PreTrainedTokenizerBase
 from fedtune.fedclient.connection import Connection, ConnectionSettings, FatalError, describe
 from fedtune.fedclient.state import ClientState
 from fedtune.protos import fedtune_pb2 as pb
+from fedtune.protos.limits import Limits
 from fedtune.protos.payload import (
     PROTOCOL_VERSION,
-    Limits,
     PayloadError,
     PayloadReader,
     ProgressCallback,

@@ -161,9 +161,9 @@ def _stored_config(path: Path) -> ServerConfig:
 
 
 def _start(args: argparse.Namespace) -> int:
+    config = _start_config(args)  # before the store's import loads torch: a bad config fails in a blink
     from fedtune.fedserver.store import RunStore
 
-    config = _start_config(args)
     run_dir = config.run_dir()
     state = run_dir / STATE_FILE
     if not state.exists():

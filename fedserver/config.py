@@ -12,7 +12,7 @@ from typing import ClassVar, Self
 
 from pydantic import Field, model_validator
 
-from fedtune.protos.payload import Limits
+from fedtune.protos.limits import Limits
 from fedtune.protos.runspec import RunSpec
 from fedtune.strategies.runconfig import RunConfig
 from fedtune.tasks.config import StrictModel, resolve_path

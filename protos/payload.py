@@ -17,49 +17,16 @@ from typing import Any
 import grpc
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos.convert import DTYPE_NAMES, DTYPES, instruction_from_proto, instruction_to_proto
+from fedtune.protos.limits import Limits
 from fedtune.strategies.api import ClientUpdate, Instruction, TensorMap
 
-MiB = 1 << 20
 PROTOCOL_VERSION = 1
 AUTH_METADATA_KEY = "authorization"
 ProgressCallback = Callable[[int, int], None]  # (bytes so far, total bytes)
-
-
-class Limits(BaseModel):
-    """Explicit size limits of the protocol; the server sends its values to every client."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    chunk_bytes: int = Field(2 * MiB, ge=1024, description="Largest data chunk of a payload stream.")
-    max_message_bytes: int = Field(8 * MiB, ge=64 * 1024, description="Largest single gRPC message (both ways).")
-    max_update_bytes: int = Field(1024 * MiB, ge=1, description="Largest tensor payload of one ClientUpdate.")
-    max_tensors: int = Field(4096, ge=1, description="Most tensors in one ClientUpdate.")
-    max_metrics: int = Field(256, ge=0, description="Most entries in ClientUpdate.metrics.")
-    max_name_bytes: int = Field(512, ge=1, description="Longest tensor or metric name, in UTF-8 bytes.")
-
-    @model_validator(mode="after")
-    def _chunk_fits_in_a_message(self) -> Limits:
-        if self.max_message_bytes < self.chunk_bytes + 64 * 1024:
-            raise ValueError(
-                f"limits.max_message_bytes ({self.max_message_bytes}) must exceed limits.chunk_bytes "
-                f"({self.chunk_bytes}) by at least 64 KiB of framing"
-            )
-        return self
-
-    def to_proto(self) -> pb.Limits:
-        return pb.Limits(**self.model_dump())
-
-    @classmethod
-    def from_proto(cls, message: pb.Limits) -> Limits:
-        return cls(**{name: getattr(message, name) for name in cls.model_fields})
-
-    def channel_options(self) -> list[tuple[str, int]]:
-        """gRPC's own message caps, set explicitly on both ends (gRPC's default is 4 MiB receive)."""
-        return [("grpc.max_receive_message_length", self.max_message_bytes),
-                ("grpc.max_send_message_length", self.max_message_bytes)]
 
 
 class PayloadError(ValueError):

@@ -14,49 +14,10 @@ reproducible whatever the order clients are served in. The channel is off by def
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fedtune.simulations.config import ChannelConfig, Direction, LinkConfig
 from fedtune.strategies.api import ClientUpdate, Instruction, TensorMap, hash_seed
-
-Direction = Literal["down", "up"]
-
-
-class LinkConfig(BaseModel):
-    """One direction of the link: Gaussian noise (SNR or variance, not both) and packet loss."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    snr_db: float | None = Field(None, description="Per-tensor signal-to-noise ratio in dB.")
-    noise_variance: float | None = Field(None, ge=0, description="Noise variance per element.")
-    loss_rate: float = Field(0.0, ge=0, lt=1, description="Probability that a whole message is lost.")
-
-    @model_validator(mode="after")
-    def _one_noise_level(self) -> LinkConfig:
-        if self.snr_db is not None and self.noise_variance is not None:
-            raise ValueError("give snr_db or noise_variance, not both")
-        return self
-
-    @property
-    def noisy(self) -> bool:
-        return self.snr_db is not None or bool(self.noise_variance)
-
-    def variance_for(self, tensor: torch.Tensor) -> float:
-        """The noise variance per element this link adds to `tensor`."""
-        if self.snr_db is not None:
-            signal_power = float(tensor.detach().to(torch.float64).pow(2).mean()) if tensor.numel() else 0.0
-            return signal_power / 10 ** (self.snr_db / 10)
-        return self.noise_variance or 0.0
-
-
-class ChannelConfig(BaseModel):
-    """The `[channel]` section of a fedsim config; absent or empty means perfect links."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    downlink: LinkConfig = Field(default_factory=LinkConfig, description="Server to client.")
-    uplink: LinkConfig = Field(default_factory=LinkConfig, description="Client to server.")
-    seed: int | None = Field(None, ge=0, description="Seed of the noise and losses; default: the run seed.")
 
 
 class Channel:
@@ -83,7 +44,7 @@ class Channel:
         for name in sorted(tensors):
             tensor = tensors[name]
             noisy = tensor.is_floating_point()
-            received[name] = _add_noise(tensor, link.variance_for(tensor), generator) if noisy else tensor
+            received[name] = _add_noise(tensor, noise_variance(link, tensor), generator) if noisy else tensor
         return {name: received[name] for name in tensors}
 
     def downlink(self, instruction: Instruction, client_id: str) -> Instruction | None:
@@ -93,6 +54,14 @@ class Channel:
     def uplink(self, update: ClientUpdate) -> ClientUpdate | None:
         tensors = self.transmit(update.tensors, update.round, update.client_id, "up")
         return None if tensors is None else update.model_copy(update={"tensors": tensors})
+
+
+def noise_variance(link: LinkConfig, tensor: torch.Tensor) -> float:
+    """The noise variance per element `link` adds to `tensor`."""
+    if link.snr_db is not None:
+        signal_power = float(tensor.detach().to(torch.float64).pow(2).mean()) if tensor.numel() else 0.0
+        return signal_power / 10 ** (link.snr_db / 10)
+    return link.noise_variance or 0.0
 
 
 def _add_noise(tensor: torch.Tensor, variance: float, generator: torch.Generator) -> torch.Tensor:

@@ -25,8 +25,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from fedtune.strategies.api import DeviceProfile
-from fedtune.strategies.codecs import SUPPORTED_CODECS
+from fedtune.strategies.definition import DeviceProfile
 from fedtune.tasks.config import StrictModel
 
 DEFAULT_CLASS = "default"
@@ -165,6 +164,8 @@ class DeviceClock:
     @staticmethod
     def _resolve(config: DevicesConfig, client_id: str, class_name: str) -> Device:
         """The client's own fields over its class's over the defaults."""
+        from fedtune.strategies.codecs import SUPPORTED_CODECS  # imports torch: not while a config is checked
+
         spec = DeviceSpec()
         for layer in (config.classes.get(class_name), config.clients.get(client_id)):
             if layer is not None:

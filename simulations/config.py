@@ -3,16 +3,45 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fedtune.simulations.channel import ChannelConfig
 from fedtune.simulations.clock import DevicesConfig, trace_path
 from fedtune.strategies.runconfig import ConfigError, RunConfig, load_run_config
 from fedtune.tasks.threads import default_threads
 
-__all__ = ["ConfigError", "SimulationConfig", "load_config"]
+__all__ = ["ChannelConfig", "ConfigError", "LinkConfig", "SimulationConfig", "load_config"]
+
+Direction = Literal["down", "up"]
+
+
+class LinkConfig(BaseModel):
+    """One direction of the link: Gaussian noise (SNR or variance, not both) and packet loss."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    snr_db: float | None = Field(None, description="Per-tensor signal-to-noise ratio in dB.")
+    noise_variance: float | None = Field(None, ge=0, description="Noise variance per element.")
+    loss_rate: float = Field(0.0, ge=0, lt=1, description="Probability that a whole message is lost.")
+
+    @model_validator(mode="after")
+    def _one_noise_level(self) -> LinkConfig:
+        if self.snr_db is not None and self.noise_variance is not None:
+            raise ValueError("give snr_db or noise_variance, not both")
+        return self
+
+    @property
+    def noisy(self) -> bool:
+        return self.snr_db is not None or bool(self.noise_variance)
+
+
+class ChannelConfig(BaseModel):
+    """The `[channel]` section of a fedsim config; absent or empty means perfect links."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    downlink: LinkConfig = Field(default_factory=LinkConfig, description="Server to client.")
+    uplink: LinkConfig = Field(default_factory=LinkConfig, description="Client to server.")
+    seed: int | None = Field(None, ge=0, description="Seed of the noise and losses; default: the run seed.")
 
 
 class SimulationConfig(RunConfig):

@@ -1,4 +1,5 @@
-"""The strategy plug-in API: typed messages, the server half, the client half and the definition.
+"""The strategy plug-in API: typed messages, the server half, the client half and the definition
+(`definition.py`, re-exported here).
 
 A strategy is one module holding both halves of an algorithm. The server half decides which
 clients a round uses and what each is told, checks each reply and aggregates them into the new
@@ -15,7 +16,6 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, Generic, Protocol, runtime_checkable
@@ -26,10 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from typing_extensions import TypeVar
 
-from fedtune.tasks.config import TaskConfig, TrainConfig
+from fedtune.strategies.definition import DeviceProfile as DeviceProfile  # re-exported: the plug-in API
+from fedtune.strategies.definition import RunContext as RunContext
+from fedtune.strategies.definition import StrategyConfig as StrategyConfig
+from fedtune.strategies.definition import StrategyDefinition as StrategyDefinition
 from fedtune.tasks.data import TokenDataset
 from fedtune.tasks.evaluation import evaluate
-from fedtune.tasks.models import ModelBundle
 
 TensorMap = dict[str, torch.Tensor]
 Setting = bool | int | float | str
@@ -157,32 +159,6 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Tenso
             )
         if tensor.is_floating_point() and not all_finite(tensor):
             raise InvalidUpdate(f"{origin}: tensor {name!r} holds NaN or Inf")
-
-
-class StrategyConfig(BaseModel):
-    """Fields every strategy understands; a strategy's own config subclasses this."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    clients_per_round: int | None = Field(None, ge=1, description="Clients sampled per round; None = all.")
-
-
-class DeviceProfile(BaseModel):
-    """What a client says about its device when it registers."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    memory_mb: int = Field(0, ge=0, description="Usable memory; 0 = unknown.")
-    compute_class: str = Field("cpu", description="e.g. cpu, gpu, phone.")
-    codecs: tuple[str, ...] = Field(("none",), description="Update codecs the client can encode.")
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """Run-wide facts both halves may need."""
-
-    seed: int
-    rounds: int
-    train: TrainConfig
-    model_kind: str
 
 
 class Workspace(Protocol):
@@ -363,38 +339,3 @@ def hash_seed(*parts: object) -> int:
     """A stable 63-bit seed from any parts (Python's hash() is salted per process)."""
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
-
-
-def accept_any_task(task: TaskConfig) -> None:
-    """`StrategyDefinition.check_task` of a strategy whose local work honours every task setting."""
-    del task
-
-
-@dataclass(frozen=True)
-class StrategyDefinition:
-    """A registry entry: the config model, both halves and how to build the workspace.
-
-    `server` and `client` are classes or any factories with the same signature, which is how
-    wrappers (DP, compression) build a definition around another one.
-    """
-
-    name: str
-    config: type[StrategyConfig]
-    server: Callable[[Any, RunContext], ServerStrategy[Any, Any]]
-    client: Callable[[Any, RunContext, str], ClientStrategy[Any, Any]]
-    build_workspace: Callable[[ModelBundle, Any, RunContext], Workspace]
-    summary: str = ""
-    async_unsupported: str | None = "it does not declare that it can aggregate updates computed on older global models"
-    """Why the `[asynchronous]` mode (FedBuff) cannot wrap this strategy; None when it can. A strategy
-    that sets None promises: its server half `HoldsGlobalTensors`, its instruction tensors are those
-    global tensors, and `aggregate` is a weighted mean of client states in their space (fedavg_lora)."""
-    asynchronous: bool = False
-    """Set by the `[asynchronous]` wrapper: updates may have been computed on older global models, which
-    a wrapper applied outside it (DP, compression) must either handle or refuse at config time."""
-    check_task: Callable[[TaskConfig], None] = accept_any_task
-    """Refuses task settings its local work cannot honour (e.g. `train.max_grad_norm` under DP-SGD, a
-    `model.device` its own tensors cannot follow) with a ValueError naming the field; run on every config
-    at validation time. A wrapper that adds constraints chains the inner definition's check."""
-
-    def parse_config(self, options: Mapping[str, Any]) -> StrategyConfig:
-        return self.config.model_validate(dict(options))

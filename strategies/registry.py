@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from fedtune.strategies.api import StrategyConfig, StrategyDefinition
+from fedtune.strategies.definition import StrategyConfig, StrategyDefinition
 
 ENTRY_POINT_GROUP = "fedtune.strategies"
 BUILTIN_MODULES = {

@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 from pydantic import Field, ValidationError, create_model, model_validator
 
-from fedtune.strategies import fedbuff
-from fedtune.strategies.api import RunContext, StrategyConfig, StrategyDefinition
+from fedtune.strategies.definition import RunContext, StrategyConfig, StrategyDefinition
 from fedtune.strategies.registry import WRAPPER_MODULES, resolve, validate_run_options
 from fedtune.tasks.config import (
     PartitionConfig,
@@ -29,6 +28,9 @@ from fedtune.tasks.config import (
     resolve_model_path,
     resolve_path,
 )
+
+if TYPE_CHECKING:
+    from fedtune.strategies import fedbuff
 
 WrapperSections = dict[str, dict[str, Any] | None]
 
@@ -61,6 +63,8 @@ class RunFields(TaskConfig):
 
     def asynchronous_mode(self) -> fedbuff.Config | None:
         """The `[asynchronous]` section (FedBuff rounds), or None for synchronous rounds."""
+        from fedtune.strategies import fedbuff  # imports torch: not while a config file is only being checked
+
         section = self.wrappers().get("asynchronous")
         return None if section is None else fedbuff.Config.model_validate(section)
 

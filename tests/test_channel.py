@@ -8,7 +8,8 @@ from pydantic import ValidationError
 
 from fedtune.fedserver.engine import RoundEngine
 from fedtune.fedserver.metrics import MetricsLog
-from fedtune.simulations.channel import Channel, ChannelConfig, LinkConfig
+from fedtune.simulations.channel import Channel
+from fedtune.simulations.config import ChannelConfig, LinkConfig
 from fedtune.simulations.runner import build_federation, run_round
 from fedtune.strategies.api import ClientUpdate, Instruction
 from tests.helpers import tiny_config

@@ -55,6 +55,24 @@ def test_help_version_and_strategies_import_no_heavy_module():
     assert heavy_modules_after(code) == []
 
 
+def test_config_errors_outside_a_strategys_options_import_no_heavy_module(tmp_path):
+    """A wrong field in any table but the strategy's own options is reported before torch loads."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('strategy = "ffa_lora"\nrounds = "ten"\n[train]\nbatch_sise = 4\n[channel.uplink]\nsnr_db = "x"\n')
+    code = textwrap.dedent(f"""
+        import contextlib, io
+        from fedtune.fedserver.cli import main as fedserver
+        from fedtune.simulations.cli import main as fedsim
+        for main, argv in ((fedsim, ["run", {str(bad)!r}]),
+                           (fedserver, ["start", "--config", {str(bad)!r}, "--run-dir", {str(tmp_path)!r}])):
+            errors = io.StringIO()
+            with contextlib.redirect_stderr(errors):
+                assert main(argv) == 2, argv
+            assert "rounds" in errors.getvalue() and "train.batch_sise" in errors.getvalue(), errors.getvalue()
+    """)
+    assert heavy_modules_after(code) == []
+
+
 def test_catalog_matches_the_imported_registry():
     names = set(registry.BUILTIN_MODULES) | {entry.name for entry in entry_points(group=registry.ENTRY_POINT_GROUP)}
     listed = {entry.name: entry for entry in catalog.strategies()}

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fedtune.protos import fedtune_pb2 as pb
+from fedtune.protos.limits import Limits
 from fedtune.protos.payload import (
-    Limits,
     PayloadError,
     PayloadReader,
     instruction_from_stream,
