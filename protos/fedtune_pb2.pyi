@@ -90,20 +90,26 @@ class RegisterRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., name: _Optional[str] = ..., profile: _Optional[_Union[DeviceProfile, _Mapping]] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("chunk_bytes", "max_message_bytes", "max_update_bytes", "max_tensors", "max_metrics", "max_name_bytes")
+    __slots__ = ("chunk_bytes", "max_message_bytes", "max_update_bytes", "max_tensors", "max_metrics", "max_name_bytes", "max_num_examples", "max_uploads_per_client", "upload_idle_ms")
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_TENSORS_FIELD_NUMBER: _ClassVar[int]
     MAX_METRICS_FIELD_NUMBER: _ClassVar[int]
     MAX_NAME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MAX_UPLOADS_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_IDLE_MS_FIELD_NUMBER: _ClassVar[int]
     chunk_bytes: int
     max_message_bytes: int
     max_update_bytes: int
     max_tensors: int
     max_metrics: int
     max_name_bytes: int
-    def __init__(self, chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., max_metrics: _Optional[int] = ..., max_name_bytes: _Optional[int] = ...) -> None: ...
+    max_num_examples: int
+    max_uploads_per_client: int
+    upload_idle_ms: int
+    def __init__(self, chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., max_metrics: _Optional[int] = ..., max_name_bytes: _Optional[int] = ..., max_num_examples: _Optional[int] = ..., max_uploads_per_client: _Optional[int] = ..., upload_idle_ms: _Optional[int] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("client_id", "run_id", "run_spec_json", "limits", "heartbeat_interval_ms", "long_poll_ms", "current_round")

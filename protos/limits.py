@@ -22,6 +22,12 @@ class Limits(BaseModel):
     max_tensors: int = Field(4096, ge=1, description="Most tensors in one ClientUpdate.")
     max_metrics: int = Field(256, ge=0, description="Most entries in ClientUpdate.metrics.")
     max_name_bytes: int = Field(512, ge=1, description="Longest tensor or metric name, in UTF-8 bytes.")
+    max_num_examples: int = Field(
+        1_000_000, ge=1, description="Largest num_examples an update may claim: it is the update's aggregation "
+                                     "weight, so one client cannot outweigh the rest by claiming more.")
+    max_uploads_per_client: int = Field(2, ge=1, description="PushUpdate streams one client may have open at once.")
+    upload_idle_ms: int = Field(60_000, ge=100, description="A PushUpdate stream silent this long is cancelled "
+                                                            "and its memory freed.")
 
     @model_validator(mode="after")
     def _chunk_fits_in_a_message(self) -> Limits:
