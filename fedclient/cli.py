@@ -1,5 +1,8 @@
-"""`fedclient join --server HOST:PORT --data PATH [--token T] [--ca CA.pem | --insecure] [--model PATH]`:
-take part in a fedtune federation from this device, with its own data."""
+"""`fedclient join --server HOST:PORT --data PATH [--token-file F] [--ca CA.pem [--cert C.pem --key C.key] |
+--insecure] [--model PATH]`: take part in a fedtune federation from this device, with its own data.
+
+The enrollment token comes from --token-file, or the FEDTUNE_TOKEN environment variable; --token
+works too, but other users of the machine can read a command line (ps)."""
 
 # Only light modules are imported up front (grpc, torch and rich load when a client joins), so
 # `--help` and `--version` answer at once.
@@ -7,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -16,6 +20,7 @@ from fedtune.strategies.cli_options import add_version_option
 MiB = 1 << 20
 GIVE_UP_AFTER_S = 300.0  # an unreachable server is a mistake to report soon, not an outage to ride out for hours
 MAX_BACKOFF_S = 10.0
+TOKEN_VARIABLE = "FEDTUNE_TOKEN"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,9 +34,16 @@ def main(argv: list[str] | None = None) -> int:
                            "the whole built-in task (4,000 examples, all four families), the same on every client")
     join.add_argument("--eval-data", type=Path, help="this device's evaluation examples for federated evaluation "
                       "(default: a held-out share of --data, evaluation.client_fraction)")
-    join.add_argument("--token", help="enrollment token (from the server operator); remembered in the state file")
-    join.add_argument("--token-file", type=Path, help="read the token from this file instead")
+    token = join.add_mutually_exclusive_group()
+    token.add_argument("--token-file", type=Path,
+                       help=f"file holding the enrollment token (from the server operator; default: the "
+                            f"{TOKEN_VARIABLE} environment variable); remembered in the state file")
+    token.add_argument("--token", help="the enrollment token itself: visible to other users of this machine (ps), "
+                                       f"so prefer --token-file or {TOKEN_VARIABLE}")
     join.add_argument("--ca", type=Path, help="the run's CA certificate (PEM), to verify the server")
+    join.add_argument("--cert", type=Path, help="this client's certificate (PEM), for a server that requires one "
+                                                "(mutual TLS; from the operator's `fedserver init --mtls`)")
+    join.add_argument("--key", type=Path, help="the private key (PEM) of --cert")
     join.add_argument("--insecure", action="store_true", help="plaintext gRPC (only for a server started --insecure)")
     join.add_argument("--model", help="the base model here, when the server's model.path is not valid on this device: "
                                       "a directory, a .gguf file or a hub id in the local Hugging Face cache")
@@ -56,12 +68,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.ca is not None and args.insecure:
         parser.error("--ca and --insecure exclude each other")
+    if (args.cert is None) != (args.key is None):
+        parser.error("--cert and --key go together")
+    if args.cert is not None and args.insecure:
+        parser.error("--cert and --key are for TLS; they exclude --insecure")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
-    token = args.token
+    return _join(args, _token(args, parser))
+
+
+def _token(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
+    """The enrollment token from --token-file, FEDTUNE_TOKEN or --token (warned about: argv is public)."""
     if args.token_file is not None:
-        token = args.token_file.read_text().strip()
-    return _join(args, token)
+        try:
+            return args.token_file.read_text().strip()
+        except OSError as error:
+            parser.error(f"--token-file: cannot read {args.token_file}: {error}")
+    if args.token is not None:
+        print(f"fedclient: warning: --token puts the enrollment token on the command line, which other users of "
+              f"this machine can read (ps); pass it in a file (--token-file) or the {TOKEN_VARIABLE} environment "
+              "variable instead", file=sys.stderr)
+        return args.token
+    return os.environ.get(TOKEN_VARIABLE, "").strip() or None
 
 
 def _join(args: argparse.Namespace, token: str | None) -> int:
@@ -126,7 +154,8 @@ def _join(args: argparse.Namespace, token: str | None) -> int:
         settings = ClientSettings(
             connection=ConnectionSettings(server=args.server, token=token, ca=args.ca, insecure=args.insecure,
                                           max_message_bytes=args.max_message_bytes,
-                                          give_up_after_s=args.give_up_after, max_backoff_s=args.max_backoff),
+                                          give_up_after_s=args.give_up_after, max_backoff_s=args.max_backoff,
+                                          cert=args.cert, key=args.key),
             data=args.data, eval_data=args.eval_data,
             state_file=state_file, name=args.name, model_path=args.model, device=args.device,
             profile=DeviceProfile(memory_mb=args.memory_mb, compute_class=args.compute_class, codecs=codecs),

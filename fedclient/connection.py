@@ -1,4 +1,5 @@
-"""The client's channel to the server: TLS or plaintext, the bearer token, and retries with backoff.
+"""The client's channel to the server: TLS (with a client certificate for mutual TLS) or plaintext, the
+bearer token, and retries with backoff.
 
 Kept free of torch so a client that is refused (bad token, wrong CA) fails in a second.
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
              grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED}
 TLS_FAILURE_MARKERS = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed", "Ssl handshake failed",
                        "WRONG_VERSION_NUMBER", "tls handshake", "SSL_ERROR")
+HANGUP_MARKER = "Socket closed"  # all gRPC says when a server hangs up, e.g. on a client certificate it refuses
 
 
 class FatalError(Exception):
@@ -40,10 +44,19 @@ class ConnectionSettings:
     max_message_bytes: int
     give_up_after_s: float  # the command line's default: fedclient.cli.GIVE_UP_AFTER_S
     max_backoff_s: float
+    cert: Path | None = None  # this client's certificate (PEM), for a server that requires one (server.mtls)
+    key: Path | None = None  # its private key (PEM)
 
 
 def describe(error: grpc.RpcError) -> str:
     return f"{error.code().name}: {error.details()}"
+
+
+def _read(option: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise FatalError(f"{option}: cannot read {path}: {error}") from error
 
 
 class Connection:
@@ -51,6 +64,10 @@ class Connection:
         if not settings.insecure and settings.ca is None:
             raise FatalError("TLS needs the run's CA certificate: pass --ca CA.pem (from the server's "
                              "`fedserver init`), or --insecure for a plaintext local server")
+        if (settings.cert is None) != (settings.key is None):
+            raise FatalError("a client certificate needs its key: pass both --cert and --key")
+        if settings.insecure and settings.cert is not None:
+            raise FatalError("--cert and --key are for TLS; a plaintext (--insecure) server cannot check them")
         self.settings = settings
         self.metadata = (("authorization", f"Bearer {settings.token}"),) if settings.token else ()
         options = [
@@ -68,11 +85,11 @@ class Connection:
             self.channel = grpc.insecure_channel(settings.server, options=options)
         else:
             assert settings.ca is not None
-            try:
-                root = settings.ca.read_bytes()
-            except OSError as error:
-                raise FatalError(f"--ca: cannot read {settings.ca}: {error}") from error
-            self.channel = grpc.secure_channel(settings.server, grpc.ssl_channel_credentials(root), options=options)
+            root = _read("--ca", settings.ca)
+            key = _read("--key", settings.key) if settings.key else None
+            chain = _read("--cert", settings.cert) if settings.cert else None
+            self.channel = grpc.secure_channel(settings.server, grpc.ssl_channel_credentials(root, key, chain),
+                                               options=options)
         self.stub = rpc.FederationStub(self.channel)
         self.outages = 0  # how many times calls had to wait for the server; the client re-registers after one
 
@@ -94,6 +111,8 @@ class Connection:
                 if any(marker.lower() in details.lower() for marker in TLS_FAILURE_MARKERS):
                     raise FatalError(f"{what}: TLS handshake with {self.settings.server} failed (is --ca the run's "
                                      f"CA, and does the server speak TLS?): {details}") from error
+                if HANGUP_MARKER.lower() in details.lower() and self._refused_after_handshake():
+                    raise FatalError(f"{what}: {self._client_certificate_refusal()}: {details}") from error
                 now = time.monotonic()
                 first_failure = first_failure or now
                 if now - first_failure > self.settings.give_up_after_s:
@@ -107,3 +126,34 @@ class Connection:
                 attempt += 1
                 self.outages += 1
                 time.sleep(delay)
+
+    def _refused_after_handshake(self) -> bool:
+        """Whether the server completes a TLS handshake with us and hangs up without sending a byte.
+
+        That is how a gRPC server requiring client certificates (server.mtls) turns away a client without
+        one, or with one from another CA: under TLS 1.3 it checks the certificate after the client's side
+        of the handshake is done and sends no alert, so gRPC reports only "Socket closed", as it would for
+        a server going down. A gRPC server that accepts the client sends its HTTP/2 settings at once.
+        """
+        if self.settings.insecure:
+            return False
+        host, _, port = self.settings.server.rpartition(":")
+        host = host.strip("[]")
+        try:
+            context = ssl.create_default_context(cafile=self.settings.ca)
+            context.set_alpn_protocols(["h2"])
+            if self.settings.cert is not None:
+                context.load_cert_chain(self.settings.cert, self.settings.key, password=b"")
+            with socket.create_connection((host, int(port)), timeout=5) as raw, \
+                    context.wrap_socket(raw, server_hostname=host) as tls:
+                return tls.recv(1) == b""
+        except (OSError, ValueError):  # ssl.SSLError is an OSError: whatever went wrong, it was not that
+            return False
+
+    def _client_certificate_refusal(self) -> str:
+        server, cert = self.settings.server, self.settings.cert
+        if cert is None:
+            return (f"{server} requires a client certificate (mutual TLS): pass --cert and --key, the pair the "
+                    "operator's `fedserver init --mtls` issued with your token")
+        return (f"{server} refused the client certificate {cert}: it takes only certificates its run's CA signed "
+                "(`fedserver init --mtls` on the server's run)")

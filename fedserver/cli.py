@@ -1,12 +1,15 @@
 """`fedserver`: run a federation for real devices over gRPC.
 
-  fedserver init   --run-dir DIR --clients N [--host NAME ...]   CA, server certificate, enrollment tokens
+  fedserver init   --run-dir DIR --clients N [--host NAME ...] [--mtls] [--ca-dir DIR]
+                                                                  CA, server certificate, enrollment tokens
+                                                                  (and client certificates with --mtls)
   fedserver start  --config server.toml [--resume] [--insecure]   serve every round (same strategies as fedsim)
   fedserver status --run-dir DIR [--json] [--watch [--interval S]]  the run's state, and whether its server is alive
   fedserver config [--config server.toml]                         the config `start` would use, commented
 
 `start` and `config` take `--set SECTION.FIELD=VALUE` overrides. The server listens on every
-interface (0.0.0.0) unless `server.host` (or `start --host`) names one, e.g. 127.0.0.1.
+interface (0.0.0.0) unless `server.host` (or `start --host`) names one, e.g. 127.0.0.1; a plaintext
+(`--insecure`) server listens on loopback only, unless `--insecure-any-host` says otherwise.
 """
 
 # Only light modules are imported up front (torch, grpc and the config models load when a command
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
 
 STATE_FILE = "state.sqlite"
 TOKENS_FILE = "enrollment-tokens.txt"
+CLIENT_CERTS_DIR = "clients"
 
 
 class UsageError(Exception):
@@ -51,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
                       help="server name or IP for the certificate (repeatable; localhost and 127.0.0.1 always)")
     init.add_argument("--tokens-out", type=Path, help=f"where plaintext tokens go (default RUN_DIR/{TOKENS_FILE})")
     init.add_argument("--new-tls", action="store_true", help="replace an existing CA and server certificate")
+    init.add_argument("--mtls", action="store_true",
+                      help=f"also issue a client certificate and key per new token, into RUN_DIR/{CLIENT_CERTS_DIR}, "
+                           "for a server with `mtls = true` in [server] (needs the CA key: --ca-dir)")
+    init.add_argument("--ca-dir", type=Path,
+                      help="where the CA's private key goes (created mode 0700), and is read from by --mtls; keep "
+                           "it offline, outside the run dir (default: a sibling of the run dir, RUN_DIR.ca)")
     start = commands.add_parser(
         "start", help="serve a run (fresh, or --resume after a stop or crash)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -61,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--port", type=int, help="override server.port (0 = any free port)")
     start.add_argument("--host", help="override server.host (default 0.0.0.0: every interface; 127.0.0.1: this "
                                       "machine only)")
-    start.add_argument("--insecure", action="store_true", help="plaintext gRPC, no TLS (local runs only)")
+    start.add_argument("--insecure", action="store_true",
+                       help="plaintext gRPC, no TLS (local runs only: server.host must be a loopback address)")
+    start.add_argument("--insecure-any-host", action="store_true",
+                       help="let --insecure listen on a non-loopback server.host (tokens and updates cross the "
+                            "network unencrypted); same as server.allow_insecure_remote = true")
     start.add_argument("--resume", action="store_true", help="continue the run in the run dir")
     add_set_option(start)
     config = commands.add_parser("config", help="print the config `start` would use, every field commented, as TOML")
@@ -91,21 +105,52 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from fedtune.fedserver.security import TlsFiles, create_tls, hash_token, new_token, write_tokens
+    from fedtune.fedserver.security import (
+        CaFiles,
+        TlsFiles,
+        create_tls,
+        default_ca_dir,
+        hash_token,
+        issue_client_certs,
+        move_legacy_ca_key,
+        new_token,
+        write_tokens,
+    )
     from fedtune.fedserver.store import RunStore
 
     if args.clients < 0:
         raise UsageError("--clients must be at least 0")
     run_dir: Path = args.run_dir
     tls = TlsFiles(run_dir / "tls")
+    ca = CaFiles(args.ca_dir or default_ca_dir(run_dir))
+    if ca.directory.resolve().is_relative_to(run_dir.resolve()):
+        raise UsageError(f"--ca-dir {ca.directory} is inside the run dir, where the server could leak the CA key; "
+                         "choose a directory outside it")
     if args.new_tls or not tls.ca_cert.exists():
-        create_tls(tls, [*args.host, "localhost", "127.0.0.1"], run_dir.name)
-        print(f"fedserver: CA and server certificate in {tls.directory} (clients need {tls.ca_cert})")
+        create_tls(tls, ca, [*args.host, "localhost", "127.0.0.1"], run_dir.name)
+        print(f"fedserver: CA and server certificate in {tls.directory} (clients need {tls.ca_cert}); the CA's "
+              f"private key is in {ca.key}, outside the run dir: keep it offline (only `fedserver init --mtls "
+              f"--ca-dir {ca.directory}` needs it, to issue client certificates)")
+    elif move_legacy_ca_key(tls, ca):
+        print(f"fedserver: moved the CA's private key out of the run dir to {ca.key}: keep it offline")
+    if args.mtls and not ca.key.exists():
+        raise UsageError(f"--mtls: issuing client certificates needs the CA's private key, not found at {ca.key}; "
+                         "pass --ca-dir with the directory `fedserver init` put it in")
     store = RunStore(run_dir / STATE_FILE)
-    first = store.token_count() + 1
-    tokens = [(f"token-{first + i:04d}", new_token()) for i in range(args.clients)]
-    store.add_tokens([(hash_token(token), label) for label, token in tokens])
-    store.close()
+    try:
+        first = store.token_count() + 1
+        tokens = [(f"token-{first + i:04d}", new_token()) for i in range(args.clients)]
+        if args.mtls:  # before the tokens are stored: a CA key that does not fit adds nothing
+            try:
+                issue_client_certs(tls, ca, run_dir / CLIENT_CERTS_DIR, [label for label, _ in tokens])
+            except ValueError as error:
+                raise UsageError(f"--mtls: {error}") from error
+            print(f"fedserver: a client certificate and key per new token in {run_dir / CLIENT_CERTS_DIR} (LABEL.pem, "
+                  "LABEL.key, mode 0600): hand each device its pair with its token (`fedclient join --cert LABEL.pem "
+                  "--key LABEL.key`), then delete them; `mtls = true` in [server] makes the server require them")
+        store.add_tokens([(hash_token(token), label) for label, token in tokens])
+    finally:
+        store.close()
     tokens_out = args.tokens_out or run_dir / TOKENS_FILE
     write_tokens(tokens_out, tokens)
     print(f"fedserver: {len(tokens)} enrollment token(s) added ({first + len(tokens) - 1} in all); plaintext in "
@@ -135,6 +180,8 @@ def _start_config(args: argparse.Namespace) -> ServerConfig:
         overrides["host"] = args.host
     if args.insecure:
         overrides["insecure"] = True
+    if args.insecure_any_host:
+        overrides["allow_insecure_remote"] = True
     if args.config is not None:
         return load_run_config(ServerConfig, args.config, overrides, args.set)
     if not args.resume:
@@ -162,6 +209,11 @@ def _stored_config(path: Path) -> ServerConfig:
 
 def _start(args: argparse.Namespace) -> int:
     config = _start_config(args)  # before the store's import loads torch: a bad config fails in a blink
+    if config.server.exposes_plaintext():
+        raise UsageError(f"server.host {config.server.host} is reachable from other machines, and plaintext gRPC "
+                         "(--insecure) would send enrollment tokens and model updates unencrypted: listen on "
+                         "loopback only (--host 127.0.0.1), drop --insecure to use TLS, or, to serve plaintext "
+                         "beyond this machine anyway, pass --insecure-any-host (server.allow_insecure_remote = true)")
     from fedtune.fedserver.store import RunStore
 
     run_dir = config.run_dir()

@@ -7,6 +7,7 @@ loading), so one experiment moves from simulation to real devices by adding a [s
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import ClassVar, Self
 
@@ -21,10 +22,19 @@ from fedtune.tasks.config import StrictModel, resolve_path
 class ServerSection(StrictModel):
     """Where the server listens and how rounds are scheduled."""
 
-    host: str = Field("0.0.0.0", description="Interface to listen on.")
+    host: str = Field("0.0.0.0", description="Interface to listen on: 0.0.0.0 every one, 127.0.0.1 this machine "
+                                             "only. A plaintext (insecure) server must use a loopback address "
+                                             "unless allow_insecure_remote.")
     port: int = Field(50051, ge=0, le=65535, description="0 = any free port (written to <run_dir>/endpoint.json).")
     run_dir: str = Field("runs/fedserver", description="SQLite state, metrics, checkpoints, TLS files.")
     insecure: bool = Field(False, description="Plaintext gRPC instead of TLS (local runs only).")
+    allow_insecure_remote: bool = Field(False, description="Let a plaintext (insecure) server listen on an address "
+                                                           "other machines reach: tokens and model updates then "
+                                                           "cross the network unencrypted.")
+    mtls: bool = Field(False, description="Mutual TLS: accept only clients that present a certificate signed by "
+                                          "the run's CA (`fedserver init --mtls` issues one per token).")
+    tls_ca: str | None = Field(None, description="CA certificate (PEM) client certificates must chain to under mtls; "
+                                                 "default <run_dir>/tls/ca.pem.")
     tls_cert: str | None = Field(None, description="Server certificate (PEM); default <run_dir>/tls/server.pem.")
     tls_key: str | None = Field(None, description="Server private key (PEM); default <run_dir>/tls/server.key.")
     min_clients: int = Field(1, ge=1, description="Live clients needed before a round starts.")
@@ -43,7 +53,23 @@ class ServerSection(StrictModel):
     def _timeouts(self) -> ServerSection:
         if self.client_timeout_s <= self.heartbeat_interval_s:
             raise ValueError("server.client_timeout_s must exceed server.heartbeat_interval_s")
+        if self.mtls and self.insecure:
+            raise ValueError("server.mtls needs TLS: it cannot be combined with server.insecure (--insecure)")
         return self
+
+    def exposes_plaintext(self) -> bool:
+        """Plaintext on an address other machines can reach, without the explicit opt-in."""
+        return self.insecure and not self.allow_insecure_remote and not is_loopback(self.host)
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can connect to a server listening on `host` (no name lookup: `localhost` by name only)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class ServerConfig(RunConfig):
@@ -70,6 +96,7 @@ class ServerConfig(RunConfig):
         """The run dir and TLS files too are relative to the config file."""
         config = super().with_resolved_paths(base_dir)
         server = config.server
-        paths = {"run_dir": server.run_dir, "tls_cert": server.tls_cert, "tls_key": server.tls_key}
+        paths = {"run_dir": server.run_dir, "tls_cert": server.tls_cert, "tls_key": server.tls_key,
+                 "tls_ca": server.tls_ca}
         return config.model_copy(update={"server": server.model_copy(update={
             key: resolve_path(value, base_dir) for key, value in paths.items() if value})})

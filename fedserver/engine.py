@@ -22,6 +22,7 @@ from fedtune.strategies.api import (
     EVAL_METRICS,
     EVALUATE,
     EVALUATE_ONLY,
+    EVALUATION_REPLY,
     ClientUpdate,
     Instruction,
     InvalidUpdate,
@@ -109,11 +110,18 @@ class RoundEngine:
         self.current = RoundState(round=round, selected=tuple(selected), started=time.perf_counter(),
                                   evaluate_only=evaluate_only)
         asked = {EVALUATE_ONLY: True} if evaluate_only else {EVALUATE: True} if self.federated_evaluation else {}
-        instructions = {cid: self.strategy.instruction(round, cid) for cid in selected}
+        instructions = {cid: self.instruct(round, cid) for cid in selected}
         if asked:
-            instructions = {cid: instruction.model_copy(update={"settings": {**instruction.settings, **asked}})
-                            for cid, instruction in instructions.items()}
+            instructions = {cid: instruction.model_copy(update={
+                "settings": {**instruction.settings, **asked},
+                "reply": EVALUATION_REPLY if evaluate_only else instruction.reply,
+            }) for cid, instruction in instructions.items()}
         return instructions
+
+    def instruct(self, round: int, client_id: str) -> Instruction:
+        """The strategy's instruction with the reply it asks for stated on it (the wire contract)."""
+        instruction = self.strategy.instruction(round, client_id)
+        return instruction.model_copy(update={"reply": self.strategy.reply_contract(client_id)})
 
     def can_dispatch(self, client_id: str) -> bool:
         """Asynchronous mode: a client contributes at most one update per aggregation, so that a fast
@@ -127,7 +135,7 @@ class RoundEngine:
         it replaces any work the client held before (e.g. an instruction it lost)."""
         state = self.current
         assert self.asynchronous is not None and state is not None, "dispatch is for asynchronous rounds"
-        instruction = self.strategy.instruction(state.round, client_id)
+        instruction = self.instruct(state.round, client_id)
         self.outstanding[client_id] = state.round
         return instruction
 

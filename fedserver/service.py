@@ -12,6 +12,7 @@ unexpected is logged and answered with INTERNAL, and the server keeps serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -19,7 +20,8 @@ import math
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from fedtune.protos.payload import (
     PROTOCOL_VERSION,
     PayloadError,
     PayloadReader,
+    echo,
     instruction_messages,
     update_from_stream,
 )
@@ -61,6 +64,7 @@ STATUS_CODES: dict[Refusal, grpc.StatusCode] = {
 }
 PULL_KINDS = {PollKind.INSTRUCTION: pb.PullStatus.INSTRUCTION, PollKind.WAIT: pb.PullStatus.WAIT,
               PollKind.DONE: pb.PullStatus.DONE}
+MAX_DETAILS_BYTES = 1024  # a status message's cap: percent-encoded, it stays far below gRPC's metadata limit
 
 
 class Malformed:
@@ -119,14 +123,37 @@ def refusal_status(error: Exception) -> grpc.StatusCode | None:
     return None
 
 
+def status_details(message: str) -> str:
+    """`message` cut to MAX_DETAILS_BYTES of UTF-8: a longer status would exceed the client's metadata
+    limit, and gRPC would replace the documented code with an opaque INTERNAL."""
+    encoded = message.encode()
+    if len(encoded) <= MAX_DETAILS_BYTES:
+        return message
+    return f"{encoded[:MAX_DETAILS_BYTES].decode(errors='ignore')}... (message cut from {len(encoded)} bytes)"
+
+
 async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
     code = refusal_status(error)
     if code is not None:
-        log.info("refused %s: %s", code.name, error)
-        await context.abort(code, str(error))
+        details = status_details(str(error))
+        log.info("refused %s: %s", code.name, details)
+        await context.abort(code, details)
     log.exception("internal error", exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL,
-                        f"internal error (see the server log): {type(error).__name__}: {error}")
+                        status_details(f"internal error (see the server log): {type(error).__name__}: {error}"))
+
+
+async def _next_message(messages: AsyncIterator[Any], idle_ms: int) -> Any | None:
+    """The stream's next message, or None at its end; DEADLINE_EXCEEDED when the client sends nothing
+    for `idle_ms`, so a stalled upload cannot hold its preallocated tensors forever."""
+    try:
+        return await asyncio.wait_for(anext(messages), idle_ms / 1000)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise PayloadError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                           f"PushUpdate stream: no message for {idle_ms} ms, the limit upload_idle_ms={idle_ms}; "
+                           "the upload is cancelled") from None
 
 
 def _unary(handler):
@@ -159,6 +186,7 @@ class FederationService:
         self.coordinator = coordinator
         self.config = config
         self.limits = config.limits
+        self._open_uploads: Counter[str] = Counter()  # client id -> its PushUpdate streams now open
 
     def handler(self) -> grpc.GenericRpcHandler:
         def unary(function, request_type, reply_type):
@@ -240,27 +268,56 @@ class FederationService:
     @_unary
     async def push_update(self, request_iterator, context) -> pb.PushReply:
         client_id = await self._client(context)
-        reader = PayloadReader("ClientUpdate", self.limits, self.limits.max_update_bytes)
+        with self._upload_slot(client_id):
+            reader = PayloadReader("ClientUpdate", self.limits, self.limits.max_update_bytes)
+            try:
+                return await self._receive_update(client_id, aiter(request_iterator), reader)
+            finally:
+                reader.release()
+
+    async def _receive_update(self, client_id: str, messages: AsyncIterator[Any],
+                              reader: PayloadReader) -> pb.PushReply:
         started = time.perf_counter()
         wire_bytes = 0
-        async for message in request_iterator:
+        while (message := await _next_message(messages, self.limits.upload_idle_ms)) is not None:
             message = _parsed(message)
             wire_bytes += message.ByteSize()
+            if reader.header is None and message.WhichOneof("part") == "header":
+                self._check_header(client_id, message.header)  # before the reader allocates the tensors
             reader.feed(message)
-            if reader.header is not None and reader.received == 0 and message.WhichOneof("part") == "header":
-                self._check_header(client_id, reader.header)
         if reader.header is None:
             raise Refused(Refusal.MALFORMED, "PushUpdate: empty stream (no header)")
         update = update_from_stream(reader)
         await self.coordinator.submit(client_id, update, wire_bytes, received_s=time.perf_counter() - started)
         return pb.PushReply(round=update.round, payload_bytes=reader.received)
 
+    @contextlib.contextmanager
+    def _upload_slot(self, client_id: str) -> Iterator[None]:
+        """Hold one of the client's max_uploads_per_client upload slots for a PushUpdate stream: each
+        open stream may pin up to max_update_bytes of preallocated tensors. Released however it ends."""
+        limit = self.limits.max_uploads_per_client
+        if self._open_uploads[client_id] >= limit:
+            raise PayloadError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"PushUpdate: client {client_id!r} already has {self._open_uploads[client_id]} "
+                               f"upload streams open, the limit max_uploads_per_client={limit}")
+        self._open_uploads[client_id] += 1
+        try:
+            yield
+        finally:
+            self._open_uploads[client_id] -= 1
+            if not self._open_uploads[client_id]:
+                del self._open_uploads[client_id]
+
     def _check_header(self, client_id: str, header: pb.ClientUpdate) -> None:
         if header.client_id != client_id:
             raise Refused(Refusal.FORBIDDEN,
-                          f"ClientUpdate.client_id: {header.client_id!r} is not this client's id {client_id!r}")
+                          f"ClientUpdate.client_id: {echo(header.client_id)} is not this client's id {client_id!r}")
         if header.num_examples < 1:
             raise Refused(Refusal.MALFORMED, f"ClientUpdate.num_examples: {header.num_examples}, must be at least 1")
+        if header.num_examples > self.limits.max_num_examples:
+            raise Refused(Refusal.MALFORMED,
+                          f"ClientUpdate.num_examples: {header.num_examples}, over the limit "
+                          f"max_num_examples={self.limits.max_num_examples}")
         self.coordinator.check_upload(client_id, header.round)
 
 
@@ -273,13 +330,21 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials:
+    """The server's certificate; under server.mtls also the CA every client's certificate must chain to."""
     tls = TlsFiles(config.run_dir() / "tls")
     cert = Path(config.server.tls_cert) if config.server.tls_cert else tls.server_cert
     key = Path(config.server.tls_key) if config.server.tls_key else tls.server_key
-    for path, what in ((cert, "server.tls_cert"), (key, "server.tls_key")):
+    client_ca = Path(config.server.tls_ca) if config.server.tls_ca else tls.ca_cert
+    needed = [(cert, "server.tls_cert"), (key, "server.tls_key")]
+    if config.server.mtls:
+        needed.append((client_ca, "server.tls_ca"))
+    for path, what in needed:
         if not path.is_file():
             raise FileNotFoundError(f"{what}: {path} does not exist; run `fedserver init` or pass --insecure")
-    return grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    pair = [(key.read_bytes(), cert.read_bytes())]
+    if not config.server.mtls:
+        return grpc.ssl_server_credentials(pair)
+    return grpc.ssl_server_credentials(pair, root_certificates=client_ca.read_bytes(), require_client_auth=True)
 
 
 async def serve(config: ServerConfig, store: RunStore, resume: bool, announce: Callable[[str], None]) -> str:

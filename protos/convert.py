@@ -12,7 +12,15 @@ import numpy as np
 import torch
 
 from fedtune.protos import fedtune_pb2 as pb
-from fedtune.strategies.api import ClientUpdate, Instruction, Setting, TensorMap
+from fedtune.strategies.api import (
+    ClientUpdate,
+    Instruction,
+    ReplyContract,
+    ReplyValues,
+    Setting,
+    TensorMap,
+    TensorSpec,
+)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -81,11 +89,34 @@ def _scalar_from_proto(message: pb.Scalar) -> Setting:
     return getattr(message, kind)
 
 
+def reply_to_proto(contract: ReplyContract) -> pb.ReplyContract:
+    return pb.ReplyContract(
+        tensors=[pb.ReplyContract.TensorShape(name=name, dtype=DTYPE_NAMES[spec.dtype],
+                                              shape=[-1 if size is None else size for size in spec.shape])
+                 for name, spec in contract.tensors.items()],
+        values=pb.ReplyContract.Values.Value(contract.values.name), doc=contract.doc, codec=contract.codec,
+    )
+
+
+def reply_from_proto(message: pb.ReplyContract) -> ReplyContract:
+    if message.values == pb.ReplyContract.VALUES_UNSPECIFIED:
+        raise WireFormatError("ReplyContract.values is unspecified")
+    for shape in message.tensors:
+        if shape.dtype not in DTYPES:
+            raise WireFormatError(f"ReplyContract tensor {shape.name!r}: unsupported dtype {shape.dtype!r}")
+    return ReplyContract(
+        tensors={shape.name: TensorSpec(shape=tuple(None if size < 0 else size for size in shape.shape),
+                                        dtype=DTYPES[shape.dtype]) for shape in message.tensors},
+        values=ReplyValues[pb.ReplyContract.Values.Name(message.values)], doc=message.doc, codec=message.codec,
+    )
+
+
 def instruction_to_proto(instruction: Instruction) -> pb.Instruction:
     return pb.Instruction(
         round=instruction.round,
         tensors=[tensor_to_proto(name, t) for name, t in instruction.tensors.items()],
         settings={key: _scalar_to_proto(value) for key, value in instruction.settings.items()},
+        reply=None if instruction.reply is None else reply_to_proto(instruction.reply),
     )
 
 
@@ -94,6 +125,7 @@ def instruction_from_proto(message: pb.Instruction) -> Instruction:
         round=message.round,
         tensors=tensors_from_proto(message.tensors),
         settings={key: _scalar_from_proto(value) for key, value in message.settings.items()},
+        reply=reply_from_proto(message.reply) if message.HasField("reply") else None,
     )
 
 

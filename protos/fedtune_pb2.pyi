@@ -32,7 +32,7 @@ class Scalar(_message.Message):
     def __init__(self, bool_value: _Optional[bool] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., string_value: _Optional[str] = ...) -> None: ...
 
 class Instruction(_message.Message):
-    __slots__ = ("round", "tensors", "settings")
+    __slots__ = ("round", "tensors", "settings", "reply")
     class SettingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -43,10 +43,45 @@ class Instruction(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
     round: int
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     settings: _containers.MessageMap[str, Scalar]
-    def __init__(self, round: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., settings: _Optional[_Mapping[str, Scalar]] = ...) -> None: ...
+    reply: ReplyContract
+    def __init__(self, round: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., settings: _Optional[_Mapping[str, Scalar]] = ..., reply: _Optional[_Union[ReplyContract, _Mapping]] = ...) -> None: ...
+
+class ReplyContract(_message.Message):
+    __slots__ = ("tensors", "values", "doc", "codec")
+    class Values(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        VALUES_UNSPECIFIED: _ClassVar[ReplyContract.Values]
+        TRAINED: _ClassVar[ReplyContract.Values]
+        DELTA: _ClassVar[ReplyContract.Values]
+        OTHER: _ClassVar[ReplyContract.Values]
+        NONE: _ClassVar[ReplyContract.Values]
+    VALUES_UNSPECIFIED: ReplyContract.Values
+    TRAINED: ReplyContract.Values
+    DELTA: ReplyContract.Values
+    OTHER: ReplyContract.Values
+    NONE: ReplyContract.Values
+    class TensorShape(_message.Message):
+        __slots__ = ("name", "dtype", "shape")
+        NAME_FIELD_NUMBER: _ClassVar[int]
+        DTYPE_FIELD_NUMBER: _ClassVar[int]
+        SHAPE_FIELD_NUMBER: _ClassVar[int]
+        name: str
+        dtype: str
+        shape: _containers.RepeatedScalarFieldContainer[int]
+        def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    DOC_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[ReplyContract.TensorShape]
+    values: ReplyContract.Values
+    doc: str
+    codec: str
+    def __init__(self, tensors: _Optional[_Iterable[_Union[ReplyContract.TensorShape, _Mapping]]] = ..., values: _Optional[_Union[ReplyContract.Values, str]] = ..., doc: _Optional[str] = ..., codec: _Optional[str] = ...) -> None: ...
 
 class ClientUpdate(_message.Message):
     __slots__ = ("client_id", "round", "num_examples", "tensors", "metrics")

@@ -36,3 +36,6 @@ def generate(out_dir: Path) -> None:
 
 if __name__ == "__main__":
     generate(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE)
+    from fedtune.protos.runspec import write_schema  # imports the strategies (and torch) to read their options
+
+    write_schema()

@@ -9,9 +9,8 @@ memory stays near one update, whatever its size).
 from __future__ import annotations
 
 import hashlib
-import math
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from typing import Any
 
 import grpc
@@ -26,6 +25,7 @@ from fedtune.strategies.api import ClientUpdate, Instruction, TensorMap
 
 PROTOCOL_VERSION = 1
 AUTH_METADATA_KEY = "authorization"
+ECHO_CHARS = 200  # most characters of one client-sent value that an error message repeats
 ProgressCallback = Callable[[int, int], None]  # (bytes so far, total bytes)
 
 
@@ -35,6 +35,16 @@ class PayloadError(ValueError):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code = code
+
+
+def echo(value: Any, limit: int = ECHO_CHARS) -> str:
+    """`value`'s repr for an error message, cut to `limit` characters plus its full length: a client's
+    100 KB name repeated whole would push the status past gRPC's metadata limit, and the client would
+    get an opaque INTERNAL instead of the documented code."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... (length {len(value) if isinstance(value, Sized) else len(text)})"
 
 
 def _require_little_endian() -> None:
@@ -102,7 +112,8 @@ def update_messages(update: ClientUpdate, chunk_bytes: int,
 
 def instruction_messages(instruction: Instruction, chunk_bytes: int) -> Iterator[pb.InstructionMessage]:
     """An Instruction as the payload part of a PullInstruction stream: header, data chunks, sha256."""
-    header = instruction_to_proto(Instruction(round=instruction.round, settings=instruction.settings))
+    header = instruction_to_proto(Instruction(round=instruction.round, settings=instruction.settings,
+                                              reply=instruction.reply))
     header.tensors.extend(header_tensor(name, tensor) for name, tensor in instruction.tensors.items())
     yield pb.InstructionMessage(header=header)
     hasher = hashlib.sha256()
@@ -116,7 +127,7 @@ def _check_name(name: str, field: str, limits: Limits) -> None:
         raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: empty name")
     if len(name.encode()) > limits.max_name_bytes:
         raise PayloadError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"{field} {name[:40]!r}...: name is {len(name.encode())} bytes, over the limit "
+                           f"{field} {echo(name, 40)}: name is {len(name.encode())} bytes, over the limit "
                            f"max_name_bytes={limits.max_name_bytes}")
 
 
@@ -189,7 +200,7 @@ class PayloadReader:
         seen: set[str] = set()
         for tensor in tensors:
             _check_name(tensor.name, f"{self.what}.tensors", limits)
-            where = f"{self.what}.tensors[{tensor.name!r}]"
+            where = f"{self.what}.tensors[{echo(tensor.name)}]"
             if tensor.name in seen:
                 raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: name appears twice")
             if tensor.data:
@@ -197,17 +208,12 @@ class PayloadReader:
                                    f"{where}.data: must be empty in a stream header (bytes follow as chunks)")
             if tensor.dtype not in DTYPES:
                 raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"{where}.dtype: unknown dtype {tensor.dtype!r}; known: {sorted(DTYPES)}")
-            if any(dim < 0 for dim in tensor.shape):
-                raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"{where}.shape: negative dimension in {list(tensor.shape)}")
-            dtype = DTYPES[tensor.dtype]
-            size = math.prod(tensor.shape) * torch.empty((), dtype=dtype).element_size()
-            total += size
+                                   f"{where}.dtype: unknown dtype {echo(tensor.dtype)}; known: {sorted(DTYPES)}")
+            total += self._checked_size(where, list(tensor.shape), DTYPES[tensor.dtype].itemsize)
             if total > self.max_payload_bytes:
                 raise PayloadError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"{self.what}.tensors: payload of at least {total} bytes is over the limit "
-                                   f"max_update_bytes={self.max_payload_bytes}")
+                                   f"{self.what}.tensors: with {where} the payload is at least {total} bytes, over "
+                                   f"the limit max_update_bytes={self.max_payload_bytes}")
             seen.add(tensor.name)
         for tensor in tensors:
             allocated = torch.empty(tuple(tensor.shape), dtype=DTYPES[tensor.dtype])
@@ -217,6 +223,31 @@ class PayloadReader:
         self.total = total
         self._slot = 0
         self._offset = 0
+
+    def _checked_size(self, where: str, shape: list[int], itemsize: int) -> int:
+        """The tensor's byte size, bounded by the payload limit before anything is allocated.
+
+        The product of the nonzero dimensions is bounded too, since torch multiplies them in int64
+        even for an empty tensor ([2**62, 2**62, 0] would overflow inside the allocation and
+        surface as INTERNAL); the product stops at the limit, so a huge shape costs no big-int work.
+        """
+        span = itemsize
+        for dim in shape:
+            if dim < 0:
+                raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"{where}.shape: negative dimension in {echo(shape)}")
+            span *= dim or 1
+            if span > self.max_payload_bytes:
+                raise PayloadError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"{where}.shape: {echo(shape)} of {itemsize}-byte elements is over the limit "
+                                   f"max_update_bytes={self.max_payload_bytes}")
+        return 0 if 0 in shape else span
+
+    def release(self) -> None:
+        """Drop the preallocated tensors, so an abandoned stream's memory is freed as soon as it ends
+        (the caller's frames and a logged exception's traceback may still reference the reader)."""
+        self._tensors = {}
+        self._slots = []
 
     def _add(self, chunk: bytes) -> None:
         if len(chunk) > self.limits.chunk_bytes:

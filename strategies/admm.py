@@ -43,6 +43,7 @@ from fedtune.strategies.api import (
     ClientStrategy,
     ClientUpdate,
     Instruction,
+    ReplyValues,
     RunContext,
     ServerStrategy,
     StrategyDefinition,
@@ -89,6 +90,9 @@ class AdmmServer(ServerStrategy[AdmmConfig, LoraWorkspace]):
     """Keeps every client's latest upload; the global adapter is their sample-weighted mean."""
 
     global_tensors: TensorMap
+    REPLY_VALUES = ReplyValues.OTHER
+    REPLY_DOC = ("u_k = θ_k + λ_k/ρ: the client's locally solved adapter θ_k plus its dual λ_k over ρ (options.rho); "
+                 "θ_k alone when options.dual = 'none' (docs/algorithms.md §4)")
 
     def __init__(self, config: AdmmConfig, context: RunContext):
         super().__init__(config, context)

@@ -16,9 +16,9 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Any, Generic, Protocol, runtime_checkable
+from typing import Any, ClassVar, Generic, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -100,24 +100,6 @@ class Message(BaseModel):
         return tensors
 
 
-class Instruction(Message):
-    """What the server tells one client for one round."""
-
-    round: int = Field(ge=0)
-    tensors: TensorMap = Field(default_factory=dict, description="Global state the client needs.")
-    settings: dict[str, Setting] = Field(default_factory=dict, description="Typed per-round scalars.")
-
-
-class ClientUpdate(Message):
-    """What one client sends back after local work."""
-
-    client_id: str = Field(min_length=1)
-    round: int = Field(ge=0)
-    num_examples: int = Field(ge=1, description="Local training examples; the aggregation weight.")
-    tensors: TensorMap = Field(default_factory=dict)
-    metrics: dict[str, float] = Field(default_factory=dict, description="e.g. train_loss.")
-
-
 class TensorSpec(BaseModel):
     """Expected shape and dtype of a tensor on the wire; `None` in a shape means any length."""
 
@@ -128,6 +110,55 @@ class TensorSpec(BaseModel):
     @classmethod
     def like(cls, tensor: torch.Tensor) -> TensorSpec:
         return cls(shape=tuple(tensor.shape), dtype=tensor.dtype)
+
+
+class ReplyValues(StrEnum):
+    """What the tensors of a valid reply hold (the wire contract; protos/fedtune.proto, ReplyContract)."""
+
+    TRAINED = "trained"  # each received tensor's value after local training: same name, dtype and shape
+    DELTA = "delta"  # trained minus received
+    OTHER = "other"  # strategy-specific, described by the contract's `doc`
+    NONE = "none"  # no tensors: an evaluate-only reply carries metrics alone
+
+
+class ReplyContract(BaseModel):
+    """The reply a client owes for one instruction, stated on the wire so that a client written from the proto
+    alone can build it: exactly these tensors (a `None` in a shape: any length), holding `values`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    tensors: dict[str, TensorSpec]
+    values: ReplyValues
+    doc: str = Field(description="One sentence: what the tensors hold and how a client computes them.")
+    codec: str = Field("none", description="'none': raw tensors; else each float tensor travels as a uint8 blob "
+                                           "`<name>|enc` in this codec (its parameters in the instruction's settings).")
+
+
+EVALUATION_REPLY = ReplyContract(
+    tensors={}, values=ReplyValues.NONE,
+    doc="no tensors, only metrics: eval_loss, eval_accuracy, eval_exact_match and eval_examples of the received "
+        "model on the client's held-out data, with num_examples = eval_examples (at least 1)",
+)
+"""The reply to an EVALUATE_ONLY instruction, whatever the strategy."""
+
+
+class Instruction(Message):
+    """What the server tells one client for one round."""
+
+    round: int = Field(ge=0)
+    tensors: TensorMap = Field(default_factory=dict, description="Global state the client needs.")
+    settings: dict[str, Setting] = Field(default_factory=dict, description="Typed per-round scalars.")
+    reply: ReplyContract | None = Field(None, description="The reply owed; set by the round engine from the "
+                                                          "server half's `reply_contract`, never by a strategy.")
+
+
+class ClientUpdate(Message):
+    """What one client sends back after local work."""
+
+    client_id: str = Field(min_length=1)
+    round: int = Field(ge=0)
+    num_examples: int = Field(ge=1, description="Local training examples; the aggregation weight.")
+    tensors: TensorMap = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict, description="e.g. train_loss.")
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -241,6 +272,17 @@ class ServerStrategy(ABC, Generic[C, W]):
     @abstractmethod
     def update_specs(self) -> dict[str, TensorSpec]:
         """The tensors a valid reply carries."""
+
+    REPLY_VALUES: ClassVar[ReplyValues] = ReplyValues.OTHER
+    REPLY_DOC: ClassVar[str] = ""
+    """What a strategy's replies hold, for the wire contract: set both in every strategy (a plug-in that does not
+    says OTHER with its class name)."""
+
+    def reply_contract(self, client_id: str) -> ReplyContract:
+        """The reply `client_id` owes for its instruction: `update_specs`, and what they hold."""
+        del client_id
+        return ReplyContract(tensors=self.update_specs(), values=self.REPLY_VALUES,
+                             doc=self.REPLY_DOC or f"the tensors {type(self).__name__} expects (plug-in strategy)")
 
     def validate_update(self, update: ClientUpdate, round: int) -> None:
         """Raise InvalidUpdate naming what is wrong; the caller drops that reply and goes on."""

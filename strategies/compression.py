@@ -34,6 +34,8 @@ from fedtune.strategies.api import (
     Instruction,
     InvalidInstruction,
     InvalidUpdate,
+    ReplyContract,
+    ReplyValues,
     RunContext,
     ServerStrategy,
     Setting,
@@ -190,6 +192,18 @@ class CompressionServer(ServerWrapper):
             else:
                 specs[name] = spec
         return specs
+
+    def reply_contract(self, client_id: str) -> ReplyContract:
+        """The inner contract, or, under a codec, each float tensor's delta (trained − received) as a blob."""
+        inner = self.inner.reply_contract(client_id)
+        codec = self.codec_for(client_id)
+        if codec == "none":
+            return inner
+        return ReplyContract(
+            tensors=self.update_specs(), values=ReplyValues.DELTA, codec=codec,
+            doc=f"each float tensor's change (trained − received) encoded with {codec} as `<name>{ENCODED_SUFFIX}`, "
+                f"other tensors as they are; the values before encoding: {inner.doc}",
+        )
 
     def _sent_to(self, client_id: str, round: int) -> Sent:
         """What `client_id` was told this round (re-derived if this server did not tell it, e.g. after a restart)."""

@@ -39,6 +39,7 @@ from fedtune.strategies.api import (
     Instruction,
     InvalidInstruction,
     InvalidUpdate,
+    ReplyContract,
     ServerStrategy,
     TensorMap,
     W,
@@ -186,6 +187,12 @@ class ClientLevelServer(ServerWrapper[C, W]):
             return instruction
         settings = {**instruction.settings, CLIPPING_NORM: float(self.clipping_norm)}
         return instruction.model_copy(update={"settings": settings})
+
+    def reply_contract(self, client_id: str) -> ReplyContract:
+        inner = super().reply_contract(client_id)
+        clipped = (f"; the change from the received tensors clipped to L2 norm {CLIPPING_NORM} (a setting) over all "
+                   f"tensors jointly, and under adaptive clipping the metric {UNCLIPPED} = 1 if it needed none, else 0")
+        return inner.model_copy(update={"doc": inner.doc + clipped})
 
     def validate_update(self, update: ClientUpdate, round: int) -> None:
         super().validate_update(update, round)

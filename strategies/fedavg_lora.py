@@ -27,6 +27,7 @@ from fedtune.strategies.api import (
     Instruction,
     InvalidUpdate,
     LocalTrainer,
+    ReplyValues,
     RunContext,
     ServerStrategy,
     StrategyDefinition,
@@ -73,6 +74,9 @@ class FedAvgLoraServer(ServerStrategy[FedAvgLoraConfig, LoraWorkspace]):
     `step_normalization = "fednova"`, FedNova's step-normalised one, still weighted by sample counts)."""
 
     global_tensors: TensorMap
+    REPLY_VALUES = ReplyValues.TRAINED
+    REPLY_DOC = ("the adapter (LoRA A and B matrices, and a classifier head if any) after local training from the "
+                 "received one; metric local_steps: the optimizer steps taken")
 
     def wire_names(self, workspace: LoraWorkspace) -> list[str]:
         return workspace.wire_names

@@ -46,6 +46,7 @@ from fedtune.strategies.api import (
     Instruction,
     InvalidInstruction,
     InvalidUpdate,
+    ReplyValues,
     RunContext,
     ServerStrategy,
     Setting,
@@ -275,6 +276,10 @@ class SeedWorkspace:
 
 class FedKSeedServer(ServerStrategy[FedKSeedConfig, SeedWorkspace]):
     """Keeps the ΔG history (not the model), each client's synced version and Pro's amplitudes."""
+
+    REPLY_VALUES = ReplyValues.OTHER
+    REPLY_DOC = (f"{SEED_INDEX}: the indices (ascending, distinct) into the run's seed pool of the directions the "
+                 f"client stepped along; {SCALAR_GRAD}: the summed projected gradient for each; both may be empty")
 
     def __init__(self, config: FedKSeedConfig, context: RunContext):
         check_replay_linear(context.train)

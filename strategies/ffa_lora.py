@@ -38,6 +38,8 @@ class FfaLoraServer(FedAvgLoraServer):
     """FedAvg over B (+ head); A never travels after the shared seed."""
 
     a_digest: str
+    REPLY_DOC = ("the LoRA B matrices (and a classifier head if any) after local training with every A frozen at its "
+                 "seeded initialisation; A never travels")
 
     def wire_names(self, workspace: LoraWorkspace) -> list[str]:
         return [name for name in workspace.wire_names if not is_lora_a(name)]

@@ -25,6 +25,7 @@ from fedtune.strategies.api import (
     ClientUpdate,
     DeviceProfile,
     Instruction,
+    ReplyContract,
     ServerStrategy,
     TensorSpec,
     W,
@@ -50,6 +51,9 @@ class ServerWrapper(ServerStrategy[C, W]):
 
     def update_specs(self) -> dict[str, TensorSpec]:
         return self.inner.update_specs()
+
+    def reply_contract(self, client_id: str) -> ReplyContract:
+        return self.inner.reply_contract(client_id)
 
     def validate_update(self, update: ClientUpdate, round: int) -> None:
         self.inner.validate_update(update, round)
