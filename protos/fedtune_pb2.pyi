@@ -147,7 +147,7 @@ class Limits(_message.Message):
     def __init__(self, chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., max_metrics: _Optional[int] = ..., max_name_bytes: _Optional[int] = ..., max_num_examples: _Optional[int] = ..., max_uploads_per_client: _Optional[int] = ..., upload_idle_ms: _Optional[int] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("client_id", "run_id", "run_spec_json", "limits", "heartbeat_interval_ms", "long_poll_ms", "current_round")
+    __slots__ = ("client_id", "run_id", "run_spec_json", "limits", "heartbeat_interval_ms", "long_poll_ms", "current_round", "client_timeout_ms")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,7 @@ class RegisterReply(_message.Message):
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     LONG_POLL_MS_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     run_id: str
     run_spec_json: str
@@ -162,7 +163,8 @@ class RegisterReply(_message.Message):
     heartbeat_interval_ms: int
     long_poll_ms: int
     current_round: int
-    def __init__(self, client_id: _Optional[str] = ..., run_id: _Optional[str] = ..., run_spec_json: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., heartbeat_interval_ms: _Optional[int] = ..., long_poll_ms: _Optional[int] = ..., current_round: _Optional[int] = ...) -> None: ...
+    client_timeout_ms: int
+    def __init__(self, client_id: _Optional[str] = ..., run_id: _Optional[str] = ..., run_spec_json: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., heartbeat_interval_ms: _Optional[int] = ..., long_poll_ms: _Optional[int] = ..., current_round: _Optional[int] = ..., client_timeout_ms: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("wait_ms",)

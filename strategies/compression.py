@@ -89,7 +89,8 @@ class CodecSettings(CodecParams):
     error_feedback: bool = True
 
     def to_settings(self) -> dict[str, Setting]:
-        return {SETTING_PREFIX + key: value for key, value in self.model_dump(exclude_defaults=True).items()}
+        """Every field, defaults included: a client must not need to know Python's defaults."""
+        return {SETTING_PREFIX + key: value for key, value in self.model_dump().items()}
 
     @classmethod
     def from_instruction(cls, instruction: Instruction) -> tuple[CodecSettings, dict[str, Setting]]:

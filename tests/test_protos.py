@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,10 @@ from jsonschema import Draft202012Validator
 from fedtune.protos.generate import GENERATED, HERE, generate
 from fedtune.protos.runspec import SCHEMA_FILE, RunSpec, run_spec_schema
 from fedtune.simulations.config import SimulationConfig
+from fedtune.simulations.runner import build_federation
+from fedtune.strategies.api import EVALUATE, EVALUATE_ONLY
 from fedtune.strategies.registry import wrapper_config
+from tests.helpers import tiny_config
 
 
 def test_regenerating_gives_the_committed_files(tmp_path: Path):
@@ -76,3 +80,25 @@ def test_the_schema_refuses_what_a_server_would(change, named):
     change(spec)
     errors = list(Draft202012Validator(shipped_schema()).iter_errors(spec))
     assert errors and any(named in error.message for error in errors), [error.message for error in errors]
+
+
+# -- the settings table beside the proto ----------------------------------------------------------------------
+
+SETTINGS_TABLE = HERE / "SETTINGS.md"
+SENDERS = [
+    {"strategy": "fedavg_lora"}, {"strategy": "ffa_lora"}, {"strategy": "fedkseed"}, {"strategy": "admm"},
+    {"strategy": "fedavg_lora", "compression": {"codec": "topk_ternary"}},
+    {"strategy": "fedavg_lora", "dp": {"clipping_norm": 1.0, "noise_multiplier": 0.5}},
+    {"strategy": "fedavg_lora", "dp": {"level": "sample", "clipping_norm": 1.0, "noise_multiplier": 0.5}},
+    {"strategy": "fedavg_lora", "asynchronous": {"buffer_size": 2}},
+]
+
+
+def test_the_settings_table_lists_exactly_the_keys_instructions_carry():
+    documented = set(re.findall(r"^\| `([^`]+)` \|", SETTINGS_TABLE.read_text(), flags=re.MULTILINE))
+    sent = {EVALUATE, EVALUATE_ONLY}  # the round engine's own
+    for raw in SENDERS:
+        federation = build_federation(tiny_config(**raw))
+        sent |= set(federation.server.instruction(1, sorted(federation.clients)[0]).settings)
+    assert sent == documented, f"sent but not in SETTINGS.md: {sent - documented}; listed, never sent: " \
+                               f"{documented - sent}"
