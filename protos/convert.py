@@ -94,7 +94,7 @@ def reply_to_proto(contract: ReplyContract) -> pb.ReplyContract:
         tensors=[pb.ReplyContract.TensorShape(name=name, dtype=DTYPE_NAMES[spec.dtype],
                                               shape=[-1 if size is None else size for size in spec.shape])
                  for name, spec in contract.tensors.items()],
-        values=pb.ReplyContract.Values.Value(contract.values.name), doc=contract.doc, codec=contract.codec,
+        values=contract.values.name, doc=contract.doc, codec=contract.codec,
     )
 
 

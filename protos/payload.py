@@ -212,8 +212,8 @@ class PayloadReader:
             total += self._checked_size(where, list(tensor.shape), DTYPES[tensor.dtype].itemsize)
             if total > self.max_payload_bytes:
                 raise PayloadError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"{self.what}.tensors: with {where} the payload is at least {total} bytes, over "
-                                   f"the limit max_update_bytes={self.max_payload_bytes}")
+                                   f"{where}: payload of at least {total} bytes is over the limit "
+                                   f"max_update_bytes={self.max_payload_bytes}")
             seen.add(tensor.name)
         for tensor in tensors:
             allocated = torch.empty(tuple(tensor.shape), dtype=DTYPES[tensor.dtype])
@@ -239,8 +239,8 @@ class PayloadReader:
             span *= dim or 1
             if span > self.max_payload_bytes:
                 raise PayloadError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"{where}.shape: {echo(shape)} of {itemsize}-byte elements is over the limit "
-                                   f"max_update_bytes={self.max_payload_bytes}")
+                                   f"{where}.shape: {echo(shape)} of {itemsize}-byte elements: at least {span} bytes "
+                                   f"is over the limit max_update_bytes={self.max_payload_bytes}")
         return 0 if 0 in shape else span
 
     def release(self) -> None:

@@ -7,14 +7,13 @@ gathered under one `wrappers` key on the wire.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import json
-import operator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import ConfigDict, Field, TypeAdapter, create_model
+from pydantic import ConfigDict, Field, create_model
+from pydantic.json_schema import models_json_schema
 
 from fedtune.strategies.registry import BUILTIN_MODULES, WRAPPER_MODULES, get_strategy, wrapper_config
 from fedtune.strategies.runconfig import RunFields, WrapperSections
@@ -50,23 +49,21 @@ def run_spec_schema() -> dict[str, Any]:
     each wrapper section typed by its own model, so a client can check a spec, and learn every option, from
     the schema alone. Shipped as protos/runspec.schema.json (`python -m fedtune.protos.generate`).
     """
-    wrappers = create_model(
-        "Wrappers", __config__=ConfigDict(extra="forbid"),
-        **{section: (importlib.import_module(module).Config | None, None)
-           for section, module in WRAPPER_MODULES.items()},
-    )
+    wrapper_fields: dict[str, Any] = {section: (importlib.import_module(module).Config | None, None)
+                                      for section, module in WRAPPER_MODULES.items()}
+    wrappers = create_model("Wrappers", __config__=ConfigDict(extra="forbid"), **wrapper_fields)
     branches = [
         create_model(
             f"RunSpec_{name}", __base__=RunSpec,
-            strategy=(Literal[name], Field(description="Registered strategy name.")),  # type: ignore[valid-type]
+            strategy=(str, Field(description="Registered strategy name.", json_schema_extra={"const": name})),
             options=(get_strategy(name).config, Field(description="The strategy's options, every one resolved.")),
             wrapper_sections=(wrappers, Field(alias="wrappers", description="Wrapper sections; null: not applied.")),
         )
         for name in BUILTIN_MODULES
     ]
-    union = Annotated[functools.reduce(operator.or_, branches), Field(discriminator="strategy")]
-    schema = TypeAdapter(union).json_schema(by_alias=True)
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "fedtune run spec", **schema}
+    references, definitions = models_json_schema([(branch, "validation") for branch in branches], by_alias=True)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "fedtune run spec",
+            "oneOf": [references[(branch, "validation")] for branch in branches], **definitions}
 
 
 def write_schema(path: Path = SCHEMA_FILE) -> None:

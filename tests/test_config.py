@@ -12,7 +12,7 @@ import pytest
 from fedtune.fedserver.config import ServerConfig
 from fedtune.protos.runspec import RunSpec
 from fedtune.simulations.config import SimulationConfig, load_config
-from fedtune.strategies.registry import WRAPPER_MODULES
+from fedtune.strategies.registry import WRAPPER_MODULES, wrapper_config
 from fedtune.strategies.runconfig import ConfigError, RunConfig, RunFields, load_run_config, with_wrapper_sections
 from fedtune.tasks.config import StrictModel
 
@@ -52,10 +52,13 @@ def test_run_spec_json_on_the_wire_keeps_its_layout():
     config = ServerConfig.model_validate({"strategy": "ffa_lora", "rounds": 3, "compression": {"codec": "int8"}})
     wire = json.loads(config.run_spec().model_dump_json())
     assert set(wire) == {"strategy", "options", "wrappers", "model", "data", "train", "evaluation", "rounds", "seed"}
-    assert wire["wrappers"] == {"asynchronous": None, "dp": None, "compression": {"codec": "int8"}}
+    # resolved: every option of the strategy and of each applied wrapper, defaults included
+    assert wire["wrappers"]["asynchronous"] is None and wire["wrappers"]["dp"] is None
+    assert wire["wrappers"]["compression"] == wrapper_config("compression", {"codec": "int8"}).model_dump(mode="json")
+    assert wire["options"] == config.strategy_config().model_dump(mode="json")
     assert wire["strategy"] == "ffa_lora" and wire["rounds"] == 3 and wire["model"] == config.model.model_dump()
     spec = RunSpec.model_validate_json(config.run_spec().model_dump_json())
-    assert spec == config.run_spec() and spec.wrappers() == config.wrappers()
+    assert spec == config.run_spec()
     assert spec.context() == config.context() and spec.strategy_config() == config.strategy_config()
 
 

@@ -41,7 +41,8 @@ SPEC_VARIANTS = [
     {"strategy": "ffa_lora", "options": {"rank": 4}},
     {"strategy": "fedkseed"},
     {"strategy": "admm", "options": {"dual": "none"}},
-    {"strategy": "fedavg_lora", "compression": {"codec": "int8"}, "dp": {"clipping_norm": 1.0, "noise_multiplier": 0.5}},
+    {"strategy": "fedavg_lora", "compression": {"codec": "int8"},
+     "dp": {"clipping_norm": 1.0, "noise_multiplier": 0.5}},
     {"strategy": "ffa_lora", "dp": {"level": "sample", "clipping_norm": 1.0, "noise_multiplier": 0.5}},
     {"strategy": "fedavg_lora", "asynchronous": {"buffer_size": 2}},
 ]
