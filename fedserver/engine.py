@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fedtune.fedserver.metrics import MetricsLog, RoundMetrics
 from fedtune.protos.convert import wire_size
+from fedtune.protos.limits import status_details
 from fedtune.strategies import fedbuff
 from fedtune.strategies.api import (
     EVAL_METRICS,
@@ -198,7 +199,7 @@ class RoundEngine:
             check_evaluation(update, state.evaluate_only)
         except InvalidUpdate as error:
             state.rejected[update.client_id] = str(error)
-            log.warning("rejected: %s", error)
+            log.warning("rejected: %s", status_details(str(error)))
             raise Refused(Refusal.INVALID_UPDATE, str(error)) from error
         state.accepted[update.client_id] = update
         state.rejected.pop(update.client_id, None)  # its corrected update counts; the round's `rejected` does not

@@ -7,6 +7,11 @@ decides everything else and answers in transport-neutral terms; this module only
 `PullStatus`, a `HeartbeatAnswer` to a `HeartbeatReply`. A broken payload stream is refused with
 `PayloadError`, which carries its own status (the payload format is gRPC's alone). Anything
 unexpected is logged and answered with INTERNAL, and the server keeps serving.
+
+An enrolled client may still be hostile, so each one gets at most max_uploads_per_client open
+upload streams, a stream silent for upload_idle_ms is cancelled and its tensors dropped, and a
+status message is capped (`limits.MAX_DETAILS_BYTES`) so that echoed client input cannot push it past
+gRPC's metadata limit, which would turn the documented code into INTERNAL.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from fedtune.fedserver.coordinator import Coordinator, HeartbeatAnswer, PollAnsw
 from fedtune.fedserver.security import TlsFiles, hash_token
 from fedtune.fedserver.store import RunStore
 from fedtune.protos import fedtune_pb2 as pb
+from fedtune.protos.limits import status_details
 from fedtune.protos.payload import (
     AUTH_METADATA_KEY,
     PROTOCOL_VERSION,
@@ -64,7 +70,6 @@ STATUS_CODES: dict[Refusal, grpc.StatusCode] = {
 }
 PULL_KINDS = {PollKind.INSTRUCTION: pb.PullStatus.INSTRUCTION, PollKind.WAIT: pb.PullStatus.WAIT,
               PollKind.DONE: pb.PullStatus.DONE}
-MAX_DETAILS_BYTES = 1024  # a status message's cap: percent-encoded, it stays far below gRPC's metadata limit
 
 
 class Malformed:
@@ -121,15 +126,6 @@ def refusal_status(error: Exception) -> grpc.StatusCode | None:
     if isinstance(error, PayloadError):
         return error.code
     return None
-
-
-def status_details(message: str) -> str:
-    """`message` cut to MAX_DETAILS_BYTES of UTF-8: a longer status would exceed the client's metadata
-    limit, and gRPC would replace the documented code with an opaque INTERNAL."""
-    encoded = message.encode()
-    if len(encoded) <= MAX_DETAILS_BYTES:
-        return message
-    return f"{encoded[:MAX_DETAILS_BYTES].decode(errors='ignore')}... (message cut from {len(encoded)} bytes)"
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
@@ -235,7 +231,7 @@ class FederationService:
             client_id=client_id, run_id=self.coordinator.run_id,
             run_spec_json=self.config.run_spec().model_dump_json(), limits=self.limits.to_proto(),
             heartbeat_interval_ms=int(server.heartbeat_interval_s * 1000), long_poll_ms=int(server.long_poll_s * 1000),
-            current_round=self.coordinator.current_round,
+            current_round=self.coordinator.current_round, client_timeout_ms=int(server.client_timeout_s * 1000),
         )
 
     @_unary

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from fedtune.protos import fedtune_pb2 as pb
 
 MiB = 1 << 20
+MAX_DETAILS_BYTES = 1024  # a status message's cap: percent-encoded, it stays far below gRPC's metadata limit
 
 
 class Limits(BaseModel):
@@ -49,3 +50,12 @@ class Limits(BaseModel):
         """gRPC's own message caps, set explicitly on both ends (gRPC's default is 4 MiB receive)."""
         return [("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", self.max_message_bytes)]
+
+
+def status_details(message: str) -> str:
+    """`message` cut to MAX_DETAILS_BYTES of UTF-8: a longer status would exceed the client's metadata
+    limit, and gRPC would replace the documented code with an opaque INTERNAL."""
+    encoded = message.encode()
+    if len(encoded) <= MAX_DETAILS_BYTES:
+        return message
+    return f"{encoded[:MAX_DETAILS_BYTES].decode(errors='ignore')}... (message cut from {len(encoded)} bytes)"

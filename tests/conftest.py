@@ -4,10 +4,18 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from fedtune.tasks.threads import THREAD_VARIABLES
 
 torch.set_num_threads(1)
+
+# Property-based tests (tests/test_fuzz.py): a small budget in the suite; `--hypothesis-profile=fuzz-long` by hand.
+_FUZZ_SETTINGS = {"deadline": None,
+                  "suppress_health_check": [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]}
+settings.register_profile("ci", max_examples=150, **_FUZZ_SETTINGS)
+settings.register_profile("fuzz-long", max_examples=10_000, **_FUZZ_SETTINGS)
+settings.load_profile("ci")
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,8 @@ codecs ["none"], as a device that implements no codec does.
 
     python tests/proto_only_client.py --server HOST:PORT --token T --ca CA.pem --name NAME
 
-It prints one JSON line at the end: the rounds it answered, and the modules it had imported.
+It prints one JSON line at the end: the rounds it answered, the liveness timeout it was told, and the
+modules it had imported.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def update_stream(update: pb.ClientUpdate, tensors: list[tuple[str, str, np.ndar
     yield pb.UpdateMessage(sha256=hashlib.sha256(payload).digest())
 
 
-def run(server: str, token: str, ca: bytes, name: str) -> list[int]:
+def run(server: str, token: str, ca: bytes, name: str) -> tuple[pb.RegisterReply, list[int]]:
     metadata = (("authorization", f"Bearer {token}"),)
     credentials = grpc.ssl_channel_credentials(root_certificates=ca)
     with grpc.secure_channel(server, credentials, options=[("grpc.max_receive_message_length",
@@ -98,7 +99,7 @@ def run(server: str, token: str, ca: bytes, name: str) -> list[int]:
             stream = stub.PullInstruction(pb.PullRequest(wait_ms=registered.long_poll_ms), metadata=metadata)
             status = next(stream).status
             if status.kind == pb.PullStatus.DONE:
-                return answered
+                return registered, answered
             if status.kind == pb.PullStatus.WAIT:
                 time.sleep(status.retry_after_ms / 1000)
                 continue
@@ -131,8 +132,9 @@ def main() -> None:
     parser.add_argument("--name", required=True)
     args = parser.parse_args()
     with open(args.ca, "rb") as ca:
-        answered = run(args.server, args.token, ca.read(), args.name)
-    print(json.dumps({"rounds": answered, "modules": sorted(sys.modules)}))
+        registered, answered = run(args.server, args.token, ca.read(), args.name)
+    print(json.dumps({"rounds": answered, "client_timeout_ms": registered.client_timeout_ms,
+                      "modules": sorted(sys.modules)}))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Every generated input must end in a documented outcome: an accepted message, or a PayloadError /
 gRPC status from the proto's "Errors" list, never another exception, INTERNAL or UNKNOWN. The suite
-runs a small budget (hypothesis profile `ci`); the long run is by hand:
+runs a small budget (hypothesis profile `ci`, tests/conftest.py); the long run is by hand:
 
     .venv/bin/python -m pytest tests/test_fuzz.py --hypothesis-profile=fuzz-long -p no:cacheprovider
 
@@ -18,19 +18,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos.limits import Limits
 from fedtune.protos.payload import PayloadError, PayloadReader, update_from_stream
 from tests.test_transport import Server, init_run, run_config, start_server, wait_until
-
-settings.register_profile("ci", max_examples=150, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-settings.register_profile("fuzz-long", max_examples=10_000, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-settings.load_profile("ci")
 
 LIMITS = Limits(chunk_bytes=4096, max_message_bytes=128 * 1024, max_update_bytes=1 << 20, max_tensors=8,
                 max_metrics=8, max_name_bytes=64)

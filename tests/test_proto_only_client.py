@@ -40,6 +40,7 @@ def test_a_client_built_from_the_proto_alone_completes_the_run(case: str, tmp_pa
     assert client.returncode == 0, client.stderr[-3000:] + server.output()[-3000:]
     report = json.loads(client.stdout.splitlines()[-1])
     assert report["rounds"] == [1, 2]
+    assert report["client_timeout_ms"] == 5000  # start_server's client_timeout_s, as the proto says
     assert not [module for module in report["modules"] if module.startswith(FEDTUNE_CODE)]
     assert server.wait(60) == 0, server.output()[-3000:]
     rounds = server.metrics()[1:]
