@@ -239,7 +239,7 @@ def _start(args: argparse.Namespace) -> int:
         if not args.resume and run_id is not None:
             raise UsageError(f"{run_dir} already holds run {run_id} ({status}); continue it with --resume or use "
                              "a new run dir")
-        _configure_logging()
+        _configure_logging(config.server.log_format == "json")
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # raised inside peft
         from fedtune.fedserver.service import serve
         from fedtune.tasks.threads import apply_threads, default_threads
@@ -255,10 +255,15 @@ def _start(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configure_logging() -> None:
+def _configure_logging(as_json: bool) -> None:
     # force: opacus calls logging.basicConfig when imported (a [dp] run), which would silence ours
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fedserver %(levelname)s %(message)s",
                         stream=sys.stderr, force=True)
+    if as_json:  # [server] log_format = "json"
+        from fedtune.fedserver.observability import JsonLogFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter())
 
 
 def status_report(run_dir: Path) -> dict[str, Any]:

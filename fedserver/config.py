@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import ClassVar, Self
+from typing import ClassVar, Literal, Self
 
 from pydantic import Field, model_validator
 
@@ -46,6 +46,14 @@ class ServerSection(StrictModel):
     long_poll_s: float = Field(10.0, gt=0, description="Longest a PullInstruction call is held open.")
     linger_s: float = Field(30.0, ge=0, description="After the run, keep answering DONE until every client has "
                                                      "heard it, at most this long.")
+    health_port: int | None = Field(None, ge=0, le=65535, description="Also answer the gRPC health service "
+                                    "(grpc.health.v1) on this port, in plaintext: Kubernetes' gRPC probes and Docker's "
+                                    "HEALTHCHECK cannot use TLS. None = only on `port`; 0 = any free port (in "
+                                    "<run_dir>/endpoint.json).")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve Prometheus metrics (HTTP, /metrics) on "
+                                     "this port. None = off; 0 = any free port (in <run_dir>/endpoint.json).")
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as text, or one JSON object each "
+                                                                   "(time, level, logger, message).")
     threads: int | None = Field(None, ge=1, le=1024, description="torch threads for aggregation and evaluation; "
                                                                   "default: OMP_NUM_THREADS when set, else the cores.")
 

@@ -356,9 +356,13 @@ async def serve(config: ServerConfig, store: RunStore, resume: bool, announce: C
         port = server.add_secure_port(address, _credentials(config))
     if port == 0:
         raise OSError(f"server.port: cannot listen on {address}")
+    from fedtune.fedserver.observability import Observability  # here: `fedserver --help` stays light
+
+    observability = await Observability.start(config, coordinator, server)
     endpoint = config.run_dir() / "endpoint.json"
     endpoint.write_text(json.dumps({"host": config.server.host, "port": port, "pid": os.getpid(),
-                                    "tls": not config.server.insecure, "run_id": coordinator.run_id}))
+                                    "tls": not config.server.insecure, "run_id": coordinator.run_id,
+                                    **observability.endpoint()}))
     await server.start()
     progress = (f"round {coordinator.next_round} of {config.rounds}" if coordinator.next_round <= config.rounds
                 else f"all {config.rounds} rounds already done")  # a resumed finished run: clients hear DONE
@@ -374,4 +378,5 @@ async def serve(config: ServerConfig, store: RunStore, resume: bool, announce: C
     except asyncio.CancelledError:
         return "stopped by signal; continue with `fedserver start --resume`"
     finally:
+        await observability.stop()
         await server.stop(grace=1.0)
