@@ -13,9 +13,14 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedtune.strategies.cli_options import add_version_option
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 MiB = 1 << 20
 GIVE_UP_AFTER_S = 300.0  # an unreachable server is a mistake to report soon, not an outage to ride out for hours
@@ -92,10 +97,25 @@ def _token(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | N
     return os.environ.get(TOKEN_VARIABLE, "").strip() or None
 
 
+def transfer_bar(progress: Progress, what: str) -> Callable[[int, int], None]:
+    """A progress callback for one payload, shown as a bar while an attempt runs. Every retry of the upload
+    reuses the callback, so a retry after an attempt that sent everything (and then failed) opens a new bar;
+    a display must never break an upload (it once raised KeyError inside the request stream)."""
+    shown: list[TaskID] = []
+
+    def update(sent: int, total: int) -> None:
+        if not shown:
+            shown.append(progress.add_task(what, total=total, detail=""))
+        progress.update(shown[0], completed=sent, total=total, detail=f"{sent / MiB:.1f}/{total / MiB:.1f} MiB")
+        if sent >= total:
+            progress.remove_task(shown.pop())
+    return update
+
+
 def _join(args: argparse.Namespace, token: str | None) -> int:
     from rich.console import Console
     from rich.logging import RichHandler
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from fedtune.fedclient.connection import ConnectionSettings, FatalError
 
@@ -139,14 +159,8 @@ def _join(args: argparse.Namespace, token: str | None) -> int:
         def round_done(self, round: int, rounds: int) -> None:
             progress.update(self.task, total=rounds, completed=round, detail=f"{round}/{rounds} rounds")
 
-        def transfer(self, what: str):
-            task = progress.add_task(what, total=None, detail="")
-
-            def update(sent: int, total: int) -> None:
-                progress.update(task, completed=sent, total=total, detail=f"{sent / MiB:.1f}/{total / MiB:.1f} MiB")
-                if sent >= total:
-                    progress.remove_task(task)
-            return update
+        def transfer(self, what: str) -> Callable[[int, int], None]:
+            return transfer_bar(progress, what)
 
     codecs = tuple(c.strip() for c in args.codecs.split(",")) if args.codecs else SUPPORTED_CODECS
     try:

@@ -168,6 +168,10 @@ class RoundEngine:
                           f"ClientUpdate.round: {round}, but no round is in progress (it may have closed)")
         if self.asynchronous is not None:
             self._check_stale(client_id, round, state, self.asynchronous.max_staleness)
+            if self.buffer_full():  # accepted before the round loop closed it: it would be one update too many
+                raise Refused(Refusal.BUFFER_FULL, f"asynchronous round {state.round} already holds its "
+                                                   f"asynchronous.buffer_size={self.asynchronous.buffer_size} "
+                                                   "updates and is being aggregated; send the update again")
         elif round != state.round:
             raise Refused(Refusal.WRONG_ROUND, f"ClientUpdate.round: {round} is not the current round {state.round}")
         elif client_id not in state.selected:

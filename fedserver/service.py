@@ -65,6 +65,7 @@ STATUS_CODES: dict[Refusal, grpc.StatusCode] = {
     Refusal.WRONG_ROUND: grpc.StatusCode.FAILED_PRECONDITION,
     Refusal.NOT_SELECTED: grpc.StatusCode.FAILED_PRECONDITION,
     Refusal.STALE: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.BUFFER_FULL: grpc.StatusCode.ABORTED,
     Refusal.DUPLICATE: grpc.StatusCode.ALREADY_EXISTS,
     Refusal.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }

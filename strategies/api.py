@@ -73,6 +73,7 @@ class Refusal(Enum):
     NO_ROUND = "no_round"  # no round is in progress (it may have just closed)
     WRONG_ROUND = "wrong_round"  # an update for another round than the current one
     STALE = "stale"  # asynchronous mode: an update computed on a global model older than max_staleness allows
+    BUFFER_FULL = "buffer_full"  # asynchronous mode: the round has its updates and is closing; send again
     NOT_SELECTED = "not_selected"  # the client is not in the current round
     DUPLICATE = "duplicate"  # an update for this round was already accepted
     TOO_LARGE = "too_large"  # a payload over the server's limits

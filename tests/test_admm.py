@@ -160,7 +160,9 @@ def test_admm_learns_through_fedsim_over_noisy_links(tmp_path):
     )
     history = run_simulation(config, tmp_path, show_progress=False)
     assert history[-1].eval_loss < history[0].eval_loss - 0.1
-    instruction = build_federation(config).server.instruction(1, "client-000")
+    server = build_federation(config).server
+    instruction = server.instruction(1, "client-000")
+    instruction = instruction.model_copy(update={"reply": server.reply_contract("client-000")})  # as the engine
     update = ClientUpdate(client_id="client-000", round=1, num_examples=1, tensors=instruction.tensors,
                           metrics={"train_loss": 1.0, "local_steps": 5.0})
     for metrics in history[1:]:

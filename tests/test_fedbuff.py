@@ -87,6 +87,9 @@ def test_the_engine_refuses_stale_unsent_and_duplicate_updates_and_aggregates_ev
     assert not engine.can_dispatch("a") and engine.can_dispatch("c") and not engine.buffer_full()
     engine.submit(update("b", 1, [3.0, 3.0], 1))
     assert engine.buffer_full()
+    with pytest.raises(Refused) as closing:  # arrived before the round loop closed the round: send again later
+        engine.submit(update("c", 1, [5.0, 5.0], 1))
+    assert closing.value.reason is Refusal.BUFFER_FULL and "buffer_size=2" in str(closing.value)
     engine.finish_round()
     engine.begin_round(2, [])
     engine.dispatch("a")

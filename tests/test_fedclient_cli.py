@@ -72,3 +72,18 @@ def test_a_client_pointed_at_a_dead_port_gives_up_with_a_clear_message(tmp_path:
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith(f"fedclient: Register: server {address} unreachable for"), last_line
     assert "giving up" in last_line and "--give-up-after" in last_line
+
+
+def test_an_upload_retried_after_a_whole_attempt_gets_a_new_progress_bar():
+    """Regression: the bar was removed when an attempt had sent everything, and the retry's first callback then
+    raised KeyError inside the request stream, so every retry failed (found killing a server on netns hosts)."""
+    from rich.progress import Progress
+
+    from fedtune.fedclient.cli import transfer_bar
+
+    progress = Progress(disable=True)
+    update = transfer_bar(progress, "round 1: upload")
+    for _attempt in range(2):  # the first attempt sends everything, then the call fails and is retried
+        update(512, 1024)
+        update(1024, 1024)
+    assert progress.task_ids == []
