@@ -21,6 +21,7 @@ from fedtune.strategies.cli_options import add_set_option, add_version_option
 
 if TYPE_CHECKING:
     from fedtune.simulations.config import SimulationConfig
+    from fedtune.tasks.adapter_export import ExportMethod
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,10 +45,20 @@ def main(argv: list[str] | None = None) -> int:
                      help="continue the run in --out after its last completed round (its checkpoint.pt); the config "
                           "must be the run's (without CONFIG, the checkpointed one is used)")
     commands.add_parser("strategies", help="list the strategies and wrappers a config can name")
+    export = commands.add_parser("export-adapter", help="write a LoRA adapter again at a smaller rank, for a small "
+                                                        "device (a PEFT adapter directory)")
+    export.add_argument("adapter", type=Path, help="the adapter directory, e.g. runs/fedsim/global")
+    export.add_argument("--rank", type=int, required=True, help="the rank to keep")
+    export.add_argument("--method", choices=["svd", "truncate"], default="svd",
+                        help="svd (default): the best rank-k approximation of each module's update; truncate: its "
+                             "first k components (for nested-rank adapters)")
+    export.add_argument("--out", type=Path, required=True, help="output directory")
     args = parser.parse_args(argv)
     if args.command == "strategies":
         print(catalog.listing())
         return 0
+    if args.command == "export-adapter":
+        return _export(args.adapter, args.rank, args.method, args.out)
 
     from fedtune.simulations.config import SimulationConfig
     from fedtune.strategies.runconfig import ConfigError, load_run_config
@@ -69,6 +80,19 @@ def main(argv: list[str] | None = None) -> int:
         print(commented_toml(resolved), end="")
         return 0
     return _run(resolved, args.out, args.quiet, resume)
+
+
+def _export(adapter: Path, rank: int, method: ExportMethod, out: Path) -> int:
+    from fedtune.tasks.adapter_export import ExportError, export_adapter
+
+    try:
+        report = export_adapter(adapter, rank, method, out)
+    except ExportError as error:
+        print(f"fedsim: {error}", file=sys.stderr)
+        return 2
+    print(f"fedsim: {report.modules} LoRA modules from rank {report.rank_from} to {report.rank_to} ({method}); "
+          f"relative error of the update {report.relative_error:.4f}; adapter in {out}")
+    return 0
 
 
 def _checkpointed_config(out: Path, overrides: dict[str, Any], assignments: list[str]) -> SimulationConfig:
