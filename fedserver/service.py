@@ -184,6 +184,7 @@ class FederationService:
         self.config = config
         self.limits = config.limits
         self._open_uploads: Counter[str] = Counter()  # client id -> its PushUpdate streams now open
+        self._run_spec_json = config.run_spec().model_dump_json()  # resolved once: every Register sends it
 
     def handler(self) -> grpc.GenericRpcHandler:
         def unary(function, request_type, reply_type):
@@ -230,7 +231,7 @@ class FederationService:
         server = self.config.server
         return pb.RegisterReply(
             client_id=client_id, run_id=self.coordinator.run_id,
-            run_spec_json=self.config.run_spec().model_dump_json(), limits=self.limits.to_proto(),
+            run_spec_json=self._run_spec_json, limits=self.limits.to_proto(),
             heartbeat_interval_ms=int(server.heartbeat_interval_s * 1000), long_poll_ms=int(server.long_poll_s * 1000),
             current_round=self.coordinator.current_round, client_timeout_ms=int(server.client_timeout_s * 1000),
         )
