@@ -77,6 +77,7 @@ class Refusal(Enum):
     NOT_SELECTED = "not_selected"  # the client is not in the current round
     DUPLICATE = "duplicate"  # an update for this round was already accepted
     TOO_LARGE = "too_large"  # a payload over the server's limits
+    DEVICE_TOO_SMALL = "device_too_small"  # the device's reported memory cannot train even its smallest adapter
 
 
 class Refused(Exception):
@@ -274,6 +275,17 @@ class ServerStrategy(ABC, Generic[C, W]):
     def update_specs(self) -> dict[str, TensorSpec]:
         """The tensors a valid reply carries."""
 
+    def client_update_specs(self, client_id: str) -> dict[str, TensorSpec]:
+        """The tensors a valid reply from `client_id` carries: `update_specs`, unless clients train adapters of
+        different shapes (strategies.lora_shapes)."""
+        del client_id
+        return self.update_specs()
+
+    def shapes_differ(self) -> bool:
+        """Whether clients' replies may differ in tensor shape; a wrapper that takes every reply against one
+        global tensor (client-level DP, FedBuff) refuses such a strategy."""
+        return False
+
     REPLY_VALUES: ClassVar[ReplyValues] = ReplyValues.OTHER
     REPLY_DOC: ClassVar[str] = ""
     """What a strategy's replies hold, for the wire contract: set both in every strategy (a plug-in that does not
@@ -281,8 +293,7 @@ class ServerStrategy(ABC, Generic[C, W]):
 
     def reply_contract(self, client_id: str) -> ReplyContract:
         """The reply `client_id` owes for its instruction: `update_specs`, and what they hold."""
-        del client_id
-        return ReplyContract(tensors=self.update_specs(), values=self.REPLY_VALUES,
+        return ReplyContract(tensors=self.client_update_specs(client_id), values=self.REPLY_VALUES,
                              doc=self.REPLY_DOC or f"the tensors {type(self).__name__} expects (plug-in strategy)")
 
     def validate_update(self, update: ClientUpdate, round: int) -> None:
@@ -290,7 +301,7 @@ class ServerStrategy(ABC, Generic[C, W]):
         origin = f"update from {update.client_id!r}"
         if update.round != round:
             raise InvalidUpdate(f"{origin}: round {update.round} is not the current round {round}")
-        check_tensors(update.tensors, self.update_specs(), origin)
+        check_tensors(update.tensors, self.client_update_specs(update.client_id), origin)
         for name, value in update.metrics.items():
             if not math.isfinite(value):
                 raise InvalidUpdate(f"{origin}: metric {name!r} is not finite")

@@ -184,10 +184,17 @@ class CompressionServer(ServerWrapper):
         return Instruction(round=round, tensors=tensors, settings={**inner.settings, **uplink.to_settings()})
 
     def update_specs(self) -> dict[str, TensorSpec]:
+        return self.encoded_specs(self.inner.update_specs())
+
+    def client_update_specs(self, client_id: str) -> dict[str, TensorSpec]:
+        return self.encoded_specs(self.inner.client_update_specs(client_id))
+
+    @staticmethod
+    def encoded_specs(inner: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
         """A compressed reply: each float tensor as a 1-D uint8 blob `<name>|enc`, others unchanged.
         (A client negotiated to "none" sends the inner strategy's tensors as they are.)"""
         specs = {}
-        for name, spec in self.inner.update_specs().items():
+        for name, spec in inner.items():
             if spec.dtype.is_floating_point:
                 specs[name + ENCODED_SUFFIX] = TensorSpec(shape=(None,), dtype=torch.uint8)
             else:
@@ -201,7 +208,7 @@ class CompressionServer(ServerWrapper):
         if codec == "none":
             return inner
         return ReplyContract(
-            tensors=self.update_specs(), values=ReplyValues.DELTA, codec=codec,
+            tensors=self.client_update_specs(client_id), values=ReplyValues.DELTA, codec=codec,
             doc=f"each float tensor's change (trained − received) encoded with {codec} as `<name>{ENCODED_SUFFIX}`, "
                 f"other tensors as they are; the values before encoding: {inner.doc}",
         )
@@ -221,9 +228,9 @@ class CompressionServer(ServerWrapper):
         sent = self._sent_to(update.client_id, round)
         if sent.codec == "none":
             return update
-        check_tensors(update.tensors, self.update_specs(), origin)
+        check_tensors(update.tensors, self.client_update_specs(update.client_id), origin)
         tensors: TensorMap = {}
-        for name, spec in self.inner.update_specs().items():
+        for name, spec in self.inner.client_update_specs(update.client_id).items():
             if not spec.dtype.is_floating_point:
                 tensors[name] = update.tensors[name]
                 continue

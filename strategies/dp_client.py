@@ -111,6 +111,10 @@ class ClientLevelServer(ServerWrapper[C, W]):
         any client trains (they exist from `initialize` on)."""
         super().initialize(workspace)
         self.tensor_strategy()
+        if self.inner.shapes_differ():
+            raise TypeError(f"dp: strategy {self.strategy!r} gives its clients adapters of different shapes "
+                            "(options.capacity); client-level DP clips every update against one global adapter, "
+                            "so it needs every client at the full shape")
 
     def on_client_registered(self, client_id: str, profile: DeviceProfile) -> None:
         super().on_client_registered(client_id, profile)

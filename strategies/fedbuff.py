@@ -75,6 +75,9 @@ class FedBuffServer(ServerWrapper):
 
     def initialize(self, workspace: Any) -> None:
         super().initialize(workspace)
+        if self.inner.shapes_differ():
+            raise TypeError("[asynchronous] rebases every update on one global adapter, so it needs every client at "
+                            "the full shape; this strategy's options.capacity gives clients different shapes")
         self._snapshot()
 
     @property

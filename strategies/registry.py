@@ -23,6 +23,8 @@ ENTRY_POINT_GROUP = "fedtune.strategies"
 BUILTIN_MODULES = {
     "fedavg_lora": "fedtune.strategies.fedavg_lora",
     "ffa_lora": "fedtune.strategies.ffa_lora",
+    "hetlora": "fedtune.strategies.hetlora",
+    "flexlora": "fedtune.strategies.flexlora",
     "fedkseed": "fedtune.strategies.fedkseed",
     "admm": "fedtune.strategies.admm",
 }

@@ -52,6 +52,12 @@ class ServerWrapper(ServerStrategy[C, W]):
     def update_specs(self) -> dict[str, TensorSpec]:
         return self.inner.update_specs()
 
+    def client_update_specs(self, client_id: str) -> dict[str, TensorSpec]:
+        return self.inner.client_update_specs(client_id)
+
+    def shapes_differ(self) -> bool:
+        return self.inner.shapes_differ()
+
     def reply_contract(self, client_id: str) -> ReplyContract:
         return self.inner.reply_contract(client_id)
 

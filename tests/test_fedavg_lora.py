@@ -14,7 +14,7 @@ from fedtune.protos.convert import payload_size, update_to_proto
 from fedtune.simulations.runner import build_federation, run_round, run_simulation
 from fedtune.strategies.api import ClientUpdate, RunContext, hash_seed, weighted_mean
 from fedtune.strategies.fedavg_lora import FedAvgLoraConfig, FedAvgLoraServer
-from fedtune.strategies.ffa_lora import FfaLoraServer
+from fedtune.strategies.ffa_lora import FfaLoraConfig, FfaLoraServer
 from fedtune.strategies.peft_lora import LoraOptions, LoraWorkspace
 from fedtune.tasks.builtin import char_tokenizer
 from fedtune.tasks.config import ModelConfig, TrainConfig
@@ -118,9 +118,10 @@ def minilm_shaped_bundle() -> ModelBundle:
 def test_only_adapters_travel_with_exact_payload_bytes():
     """§0.4 / §6.1.5 / §6.2.2: MiniLM q,v r=8 → 294,912 B of LoRA (147,456 B for FFA) + 3,080 B head."""
     context = RunContext(seed=0, rounds=1, train=TrainConfig(), model_kind="seq_cls")
-    options = FedAvgLoraConfig(rank=8, target_modules=["query", "value"])
     sizes = {}
-    for name, server_class, freeze_a in (("lora", FedAvgLoraServer, False), ("ffa", FfaLoraServer, True)):
+    strategies = (("lora", FedAvgLoraServer, FedAvgLoraConfig, False), ("ffa", FfaLoraServer, FfaLoraConfig, True))
+    for name, server_class, config_class, freeze_a in strategies:
+        options = config_class(rank=8, target_modules=["query", "value"])
         workspace = LoraWorkspace(minilm_shaped_bundle(), options, context, freeze_a=freeze_a)
         server = server_class(options, context)
         server.initialize(workspace)
