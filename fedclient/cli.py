@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedtune.strategies.cli_options import add_version_option
+from fedtune.strategies.definition import DeviceProfile
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -60,8 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     join.add_argument("--state", type=Path, help="local state file (default: one per client identity, "
                                                  "~/.fedtune/client-HOST-PORT-NAME.pt, or -device-HASH.pt after the "
                                                  "token when there is no --name)")
-    join.add_argument("--compute-class", default="cpu", help="device class reported to the server (cpu, gpu, phone)")
-    join.add_argument("--memory-mb", type=int, default=0, help="usable memory reported to the server (0 = unknown)")
+    join.add_argument("--compute-class", default="cpu", help="device class reported to the server (cpu, gpu, phone); "
+                                                            "strategies with options.capacity size the adapter by it")
+    join.add_argument("--memory-mb", type=int, help="usable memory reported to the server, MiB (default: measured, "
+                                                    "the memory available now, or the GPU's free memory with --device "
+                                                    "cuda; 0 = report none)")
+    join.add_argument("--no-probe", action="store_true", help="do not time a training step on the run's model "
+                                                             "(reported to the server as the profile's step_ms)")
     join.add_argument("--codecs", help="comma-separated update codecs this device offers (default: all it has)")
     join.add_argument("--give-up-after", type=float, default=GIVE_UP_AFTER_S,
                       help=f"seconds without reaching the server before giving up (default {GIVE_UP_AFTER_S:.0f}: "
@@ -77,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--cert and --key go together")
     if args.cert is not None and args.insecure:
         parser.error("--cert and --key are for TLS; they exclude --insecure")
+    if args.memory_mb is not None and args.memory_mb < 0:
+        parser.error(f"--memory-mb: {args.memory_mb} is negative")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
     return _join(args, _token(args, parser))
@@ -95,6 +103,15 @@ def _token(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | N
               "variable instead", file=sys.stderr)
         return args.token
     return os.environ.get(TOKEN_VARIABLE, "").strip() or None
+
+
+def device_profile(args: argparse.Namespace, codecs: tuple[str, ...]) -> DeviceProfile:
+    """The profile sent at Register: the flags, and what they leave out measured on this device (fedclient.probe)."""
+    from fedtune.fedclient.probe import measured_profile
+
+    given = DeviceProfile(memory_mb=args.memory_mb or 0, compute_class=args.compute_class, codecs=codecs)
+    measured = measured_profile(given, on_cuda=args.device == "cuda")
+    return measured if args.memory_mb is None else measured.model_copy(update={"memory_mb": args.memory_mb})
 
 
 def transfer_bar(progress: Progress, what: str) -> Callable[[int, int], None]:
@@ -129,7 +146,6 @@ def _join(args: argparse.Namespace, token: str | None) -> int:
 
     from fedtune.fedclient.client import ClientSettings, FederatedClient, Reporter
     from fedtune.fedclient.state import default_state_file
-    from fedtune.strategies.api import DeviceProfile
     from fedtune.strategies.codecs import SUPPORTED_CODECS
     from fedtune.tasks.threads import apply_threads, default_threads
 
@@ -172,7 +188,7 @@ def _join(args: argparse.Namespace, token: str | None) -> int:
                                           cert=args.cert, key=args.key),
             data=args.data, eval_data=args.eval_data,
             state_file=state_file, name=args.name, model_path=args.model, device=args.device,
-            profile=DeviceProfile(memory_mb=args.memory_mb, compute_class=args.compute_class, codecs=codecs),
+            profile=device_profile(args, codecs), probe=not args.no_probe,
         )
         with progress:
             client = FederatedClient(settings, RichReporter())

@@ -20,8 +20,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.fedclient.connection import Connection, ConnectionSettings, FatalError, describe
+from fedtune.fedclient.probe import time_training_step
 from fedtune.fedclient.state import ClientState
 from fedtune.protos import fedtune_pb2 as pb
+from fedtune.protos.convert import profile_to_proto
 from fedtune.protos.limits import Limits
 from fedtune.protos.payload import (
     PROTOCOL_VERSION,
@@ -60,6 +62,7 @@ class ClientSettings:
     model_path: str | None = None
     device: str | None = None  # model.device here; None: the run's
     profile: DeviceProfile = DeviceProfile()
+    probe: bool = False  # time one training step on the run's model and report it (DeviceProfile.step_ms)
     max_instruction_bytes: int = 16 << 30
     eval_data: Path | None = None  # federated evaluation's examples; None: a held-out share of `data`
 
@@ -95,6 +98,7 @@ class FederatedClient:
         self.connection = Connection(ConnectionSettings(**{**settings.connection.__dict__, "token": token}))
         self.state.server, self.state.token = settings.connection.server, token
         self.spec: RunSpec | None = None
+        self.profile = settings.profile
         self.limits = Limits()
         self.client_id = ""
         self.workspace: Workspace | None = None
@@ -108,18 +112,19 @@ class FederatedClient:
 
     # -- protocol steps ---------------------------------------------------------------------
 
-    def register(self) -> pb.RegisterReply:
-        """Join (or rejoin as the same client); builds the workspace on the first call of a run."""
-        profile = self.settings.profile
-        request = pb.RegisterRequest(
-            protocol_version=PROTOCOL_VERSION, name=self.settings.name or self.state.client_id,
-            profile=pb.DeviceProfile(memory_mb=profile.memory_mb, compute_class=profile.compute_class,
-                                     codecs=list(profile.codecs)))
+    def _register_call(self) -> pb.RegisterReply:
+        request = pb.RegisterRequest(protocol_version=PROTOCOL_VERSION, name=self.settings.name or self.state.client_id,
+                                     profile=profile_to_proto(self.profile))
         try:
-            reply = self.connection.call("Register", lambda: self.connection.stub.Register(
+            return self.connection.call("Register", lambda: self.connection.stub.Register(
                 request, metadata=self.connection.metadata, timeout=30))
         except grpc.RpcError as error:
             raise FatalError(f"the server refused to register this client: {describe(error)}") from error
+
+    def register(self) -> pb.RegisterReply:
+        """Join (or rejoin as the same client); builds the workspace on the first call of a run, and with
+        `settings.probe` times a training step on it and registers again to report that (step_ms)."""
+        reply = self._register_call()
         self._outages_seen = self.connection.outages
         spec = RunSpec.model_validate_json(reply.run_spec_json)
         self.limits = Limits.from_proto(reply.limits)
@@ -132,6 +137,11 @@ class FederatedClient:
         self.state.save(self.settings.state_file)  # the identity first: a restart rejoins as this client
         if self.spec != spec or self.strategy is None:
             self._build(spec)
+            if self.settings.probe and not self.profile.step_ms:
+                assert self.workspace is not None and self.data is not None
+                step_ms = time_training_step(self.workspace.model, self.data, spec.train)
+                self.profile = self.profile.model_copy(update={"step_ms": step_ms})
+                self._register_call()
         self._start_heartbeat(reply.heartbeat_interval_ms / 1000)
         self.reporter.status(f"registered as {reply.client_id} (run {reply.run_id[:8]}, {spec.strategy}, "
                              f"{spec.rounds} rounds)")

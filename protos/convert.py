@@ -14,6 +14,7 @@ import torch
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.strategies.api import (
     ClientUpdate,
+    DeviceProfile,
     Instruction,
     ReplyContract,
     ReplyValues,
@@ -158,3 +159,16 @@ def wire_size(message: Instruction | ClientUpdate) -> int:
 def payload_size(tensors: TensorMap) -> int:
     """Tensor payload bytes alone (sum of numel x element size), without framing."""
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def profile_to_proto(profile: DeviceProfile) -> pb.DeviceProfile:
+    return pb.DeviceProfile(memory_mb=profile.memory_mb, compute_class=profile.compute_class,
+                            codecs=list(profile.codecs), threads=profile.threads, accelerator=profile.accelerator,
+                            step_ms=profile.step_ms)
+
+
+def profile_from_proto(message: pb.DeviceProfile) -> DeviceProfile:
+    """The profile a client sent; ValueError naming the field for a value out of its documented range."""
+    return DeviceProfile(memory_mb=max(message.memory_mb, 0), compute_class=message.compute_class or "cpu",
+                         codecs=tuple(message.codecs) or ("none",), threads=message.threads,
+                         accelerator=message.accelerator, step_ms=message.step_ms)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64tune/protos/fedtune.proto\x12\nfedtune.v1\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"k\n\x06Scalar\x12\x14\n\nbool_value\x18\x01 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x03 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x42\x07\n\x05value\"\xe9\x01\n\x0bInstruction\x12\r\n\x05round\x18\x01 \x01(\x03\x12#\n\x07tensors\x18\x02 \x03(\x0b\x32\x12.fedtune.v1.Tensor\x12\x37\n\x08settings\x18\x03 \x03(\x0b\x32%.fedtune.v1.Instruction.SettingsEntry\x12(\n\x05reply\x18\x04 \x01(\x0b\x32\x19.fedtune.v1.ReplyContract\x1a\x43\n\rSettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.fedtune.v1.Scalar:\x02\x38\x01\"\x9f\x02\n\rReplyContract\x12\x36\n\x07tensors\x18\x01 \x03(\x0b\x32%.fedtune.v1.ReplyContract.TensorShape\x12\x30\n\x06values\x18\x02 \x01(\x0e\x32 .fedtune.v1.ReplyContract.Values\x12\x0b\n\x03\x64oc\x18\x03 \x01(\t\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x1a\x39\n\x0bTensorShape\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"M\n\x06Values\x12\x16\n\x12VALUES_UNSPECIFIED\x10\x00\x12\x0b\n\x07TRAINED\x10\x01\x12\t\n\x05\x44\x45LTA\x10\x02\x12\t\n\x05OTHER\x10\x03\x12\x08\n\x04NONE\x10\x04\"\xd3\x01\n\x0c\x43lientUpdate\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12#\n\x07tensors\x18\x04 \x03(\x0b\x32\x12.fedtune.v1.Tensor\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedtune.v1.ClientUpdate.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"I\n\rDeviceProfile\x12\x11\n\tmemory_mb\x18\x01 \x01(\x03\x12\x15\n\rcompute_class\x18\x02 \x01(\t\x12\x0e\n\x06\x63odecs\x18\x03 \x03(\t\"e\n\x0fRegisterRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12*\n\x07profile\x18\x03 \x01(\x0b\x32\x19.fedtune.v1.DeviceProfile\"\xe6\x01\n\x06Limits\x12\x13\n\x0b\x63hunk_bytes\x18\x01 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x02 \x01(\x03\x12\x18\n\x10max_update_bytes\x18\x03 \x01(\x03\x12\x13\n\x0bmax_tensors\x18\x04 \x01(\x03\x12\x13\n\x0bmax_metrics\x18\x05 \x01(\x03\x12\x16\n\x0emax_name_bytes\x18\x06 \x01(\x03\x12\x18\n\x10max_num_examples\x18\x07 \x01(\x03\x12\x1e\n\x16max_uploads_per_client\x18\x08 \x01(\x03\x12\x16\n\x0eupload_idle_ms\x18\t \x01(\x03\"\xd4\x01\n\rRegisterReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x15\n\rrun_spec_json\x18\x03 \x01(\t\x12\"\n\x06limits\x18\x04 \x01(\x0b\x32\x12.fedtune.v1.Limits\x12\x1d\n\x15heartbeat_interval_ms\x18\x05 \x01(\x03\x12\x14\n\x0clong_poll_ms\x18\x06 \x01(\x03\x12\x15\n\rcurrent_round\x18\x07 \x01(\x03\x12\x19\n\x11\x63lient_timeout_ms\x18\x08 \x01(\x03\"\x1e\n\x0bPullRequest\x12\x0f\n\x07wait_ms\x18\x01 \x01(\x03\"\xed\x01\n\nPullStatus\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.fedtune.v1.PullStatus.Kind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0e\n\x06rounds\x18\x03 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x04 \x01(\x03\x12\x16\n\x0eretry_after_ms\x18\x05 \x01(\x03\x12\x10\n\x08sits_out\x18\x06 \x01(\x08\x12\x0e\n\x06reason\x18\x07 \x01(\t\"A\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bINSTRUCTION\x10\x01\x12\x08\n\x04WAIT\x10\x02\x12\x08\n\x04\x44ONE\x10\x03\"\x93\x01\n\x12InstructionMessage\x12(\n\x06status\x18\x01 \x01(\x0b\x32\x16.fedtune.v1.PullStatusH\x00\x12)\n\x06header\x18\x02 \x01(\x0b\x32\x17.fedtune.v1.InstructionH\x00\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12\x10\n\x06sha256\x18\x04 \x01(\x0cH\x00\x42\x06\n\x04part\"e\n\rUpdateMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedtune.v1.ClientUpdateH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x10\n\x06sha256\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04part\"1\n\tPushReply\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x15\n\rpayload_bytes\x18\x02 \x01(\x03\"E\n\x10HeartbeatRequest\x12\x10\n\x08\x61\x63tivity\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x10\n\x08progress\x18\x03 \x01(\x01\"5\n\x0eHeartbeatReply\x12\x15\n\rcurrent_round\x18\x01 \x01(\x03\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0c\n\nLeaveReply2\xe2\x02\n\nFederation\x12\x42\n\x08Register\x12\x1b.fedtune.v1.RegisterRequest\x1a\x19.fedtune.v1.RegisterReply\x12L\n\x0fPullInstruction\x12\x17.fedtune.v1.PullRequest\x1a\x1e.fedtune.v1.InstructionMessage0\x01\x12@\n\nPushUpdate\x12\x19.fedtune.v1.UpdateMessage\x1a\x15.fedtune.v1.PushReply(\x01\x12\x45\n\tHeartbeat\x12\x1c.fedtune.v1.HeartbeatRequest\x1a\x1a.fedtune.v1.HeartbeatReply\x12\x39\n\x05Leave\x12\x18.fedtune.v1.LeaveRequest\x1a\x16.fedtune.v1.LeaveReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64tune/protos/fedtune.proto\x12\nfedtune.v1\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"k\n\x06Scalar\x12\x14\n\nbool_value\x18\x01 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x03 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x42\x07\n\x05value\"\xe9\x01\n\x0bInstruction\x12\r\n\x05round\x18\x01 \x01(\x03\x12#\n\x07tensors\x18\x02 \x03(\x0b\x32\x12.fedtune.v1.Tensor\x12\x37\n\x08settings\x18\x03 \x03(\x0b\x32%.fedtune.v1.Instruction.SettingsEntry\x12(\n\x05reply\x18\x04 \x01(\x0b\x32\x19.fedtune.v1.ReplyContract\x1a\x43\n\rSettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.fedtune.v1.Scalar:\x02\x38\x01\"\x9f\x02\n\rReplyContract\x12\x36\n\x07tensors\x18\x01 \x03(\x0b\x32%.fedtune.v1.ReplyContract.TensorShape\x12\x30\n\x06values\x18\x02 \x01(\x0e\x32 .fedtune.v1.ReplyContract.Values\x12\x0b\n\x03\x64oc\x18\x03 \x01(\t\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x1a\x39\n\x0bTensorShape\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"M\n\x06Values\x12\x16\n\x12VALUES_UNSPECIFIED\x10\x00\x12\x0b\n\x07TRAINED\x10\x01\x12\t\n\x05\x44\x45LTA\x10\x02\x12\t\n\x05OTHER\x10\x03\x12\x08\n\x04NONE\x10\x04\"\xd3\x01\n\x0c\x43lientUpdate\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12#\n\x07tensors\x18\x04 \x03(\x0b\x32\x12.fedtune.v1.Tensor\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedtune.v1.ClientUpdate.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x80\x01\n\rDeviceProfile\x12\x11\n\tmemory_mb\x18\x01 \x01(\x03\x12\x15\n\rcompute_class\x18\x02 \x01(\t\x12\x0e\n\x06\x63odecs\x18\x03 \x03(\t\x12\x0f\n\x07threads\x18\x04 \x01(\r\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x05 \x01(\t\x12\x0f\n\x07step_ms\x18\x06 \x01(\x01\"e\n\x0fRegisterRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12*\n\x07profile\x18\x03 \x01(\x0b\x32\x19.fedtune.v1.DeviceProfile\"\xe6\x01\n\x06Limits\x12\x13\n\x0b\x63hunk_bytes\x18\x01 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x02 \x01(\x03\x12\x18\n\x10max_update_bytes\x18\x03 \x01(\x03\x12\x13\n\x0bmax_tensors\x18\x04 \x01(\x03\x12\x13\n\x0bmax_metrics\x18\x05 \x01(\x03\x12\x16\n\x0emax_name_bytes\x18\x06 \x01(\x03\x12\x18\n\x10max_num_examples\x18\x07 \x01(\x03\x12\x1e\n\x16max_uploads_per_client\x18\x08 \x01(\x03\x12\x16\n\x0eupload_idle_ms\x18\t \x01(\x03\"\xd4\x01\n\rRegisterReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x15\n\rrun_spec_json\x18\x03 \x01(\t\x12\"\n\x06limits\x18\x04 \x01(\x0b\x32\x12.fedtune.v1.Limits\x12\x1d\n\x15heartbeat_interval_ms\x18\x05 \x01(\x03\x12\x14\n\x0clong_poll_ms\x18\x06 \x01(\x03\x12\x15\n\rcurrent_round\x18\x07 \x01(\x03\x12\x19\n\x11\x63lient_timeout_ms\x18\x08 \x01(\x03\"\x1e\n\x0bPullRequest\x12\x0f\n\x07wait_ms\x18\x01 \x01(\x03\"\xed\x01\n\nPullStatus\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.fedtune.v1.PullStatus.Kind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0e\n\x06rounds\x18\x03 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x04 \x01(\x03\x12\x16\n\x0eretry_after_ms\x18\x05 \x01(\x03\x12\x10\n\x08sits_out\x18\x06 \x01(\x08\x12\x0e\n\x06reason\x18\x07 \x01(\t\"A\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bINSTRUCTION\x10\x01\x12\x08\n\x04WAIT\x10\x02\x12\x08\n\x04\x44ONE\x10\x03\"\x93\x01\n\x12InstructionMessage\x12(\n\x06status\x18\x01 \x01(\x0b\x32\x16.fedtune.v1.PullStatusH\x00\x12)\n\x06header\x18\x02 \x01(\x0b\x32\x17.fedtune.v1.InstructionH\x00\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12\x10\n\x06sha256\x18\x04 \x01(\x0cH\x00\x42\x06\n\x04part\"e\n\rUpdateMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedtune.v1.ClientUpdateH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x10\n\x06sha256\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04part\"1\n\tPushReply\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x15\n\rpayload_bytes\x18\x02 \x01(\x03\"E\n\x10HeartbeatRequest\x12\x10\n\x08\x61\x63tivity\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x10\n\x08progress\x18\x03 \x01(\x01\"5\n\x0eHeartbeatReply\x12\x15\n\rcurrent_round\x18\x01 \x01(\x03\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0c\n\nLeaveReply2\xe2\x02\n\nFederation\x12\x42\n\x08Register\x12\x1b.fedtune.v1.RegisterRequest\x1a\x19.fedtune.v1.RegisterReply\x12L\n\x0fPullInstruction\x12\x17.fedtune.v1.PullRequest\x1a\x1e.fedtune.v1.InstructionMessage0\x01\x12@\n\nPushUpdate\x12\x19.fedtune.v1.UpdateMessage\x1a\x15.fedtune.v1.PushReply(\x01\x12\x45\n\tHeartbeat\x12\x1c.fedtune.v1.HeartbeatRequest\x1a\x1a.fedtune.v1.HeartbeatReply\x12\x39\n\x05Leave\x12\x18.fedtune.v1.LeaveRequest\x1a\x16.fedtune.v1.LeaveReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,34 +53,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLIENTUPDATE']._serialized_end=959
   _globals['_CLIENTUPDATE_METRICSENTRY']._serialized_start=913
   _globals['_CLIENTUPDATE_METRICSENTRY']._serialized_end=959
-  _globals['_DEVICEPROFILE']._serialized_start=961
-  _globals['_DEVICEPROFILE']._serialized_end=1034
-  _globals['_REGISTERREQUEST']._serialized_start=1036
-  _globals['_REGISTERREQUEST']._serialized_end=1137
-  _globals['_LIMITS']._serialized_start=1140
-  _globals['_LIMITS']._serialized_end=1370
-  _globals['_REGISTERREPLY']._serialized_start=1373
-  _globals['_REGISTERREPLY']._serialized_end=1585
-  _globals['_PULLREQUEST']._serialized_start=1587
-  _globals['_PULLREQUEST']._serialized_end=1617
-  _globals['_PULLSTATUS']._serialized_start=1620
-  _globals['_PULLSTATUS']._serialized_end=1857
-  _globals['_PULLSTATUS_KIND']._serialized_start=1792
-  _globals['_PULLSTATUS_KIND']._serialized_end=1857
-  _globals['_INSTRUCTIONMESSAGE']._serialized_start=1860
-  _globals['_INSTRUCTIONMESSAGE']._serialized_end=2007
-  _globals['_UPDATEMESSAGE']._serialized_start=2009
-  _globals['_UPDATEMESSAGE']._serialized_end=2110
-  _globals['_PUSHREPLY']._serialized_start=2112
-  _globals['_PUSHREPLY']._serialized_end=2161
-  _globals['_HEARTBEATREQUEST']._serialized_start=2163
-  _globals['_HEARTBEATREQUEST']._serialized_end=2232
-  _globals['_HEARTBEATREPLY']._serialized_start=2234
-  _globals['_HEARTBEATREPLY']._serialized_end=2287
-  _globals['_LEAVEREQUEST']._serialized_start=2289
-  _globals['_LEAVEREQUEST']._serialized_end=2319
-  _globals['_LEAVEREPLY']._serialized_start=2321
-  _globals['_LEAVEREPLY']._serialized_end=2333
-  _globals['_FEDERATION']._serialized_start=2336
-  _globals['_FEDERATION']._serialized_end=2690
+  _globals['_DEVICEPROFILE']._serialized_start=962
+  _globals['_DEVICEPROFILE']._serialized_end=1090
+  _globals['_REGISTERREQUEST']._serialized_start=1092
+  _globals['_REGISTERREQUEST']._serialized_end=1193
+  _globals['_LIMITS']._serialized_start=1196
+  _globals['_LIMITS']._serialized_end=1426
+  _globals['_REGISTERREPLY']._serialized_start=1429
+  _globals['_REGISTERREPLY']._serialized_end=1641
+  _globals['_PULLREQUEST']._serialized_start=1643
+  _globals['_PULLREQUEST']._serialized_end=1673
+  _globals['_PULLSTATUS']._serialized_start=1676
+  _globals['_PULLSTATUS']._serialized_end=1913
+  _globals['_PULLSTATUS_KIND']._serialized_start=1848
+  _globals['_PULLSTATUS_KIND']._serialized_end=1913
+  _globals['_INSTRUCTIONMESSAGE']._serialized_start=1916
+  _globals['_INSTRUCTIONMESSAGE']._serialized_end=2063
+  _globals['_UPDATEMESSAGE']._serialized_start=2065
+  _globals['_UPDATEMESSAGE']._serialized_end=2166
+  _globals['_PUSHREPLY']._serialized_start=2168
+  _globals['_PUSHREPLY']._serialized_end=2217
+  _globals['_HEARTBEATREQUEST']._serialized_start=2219
+  _globals['_HEARTBEATREQUEST']._serialized_end=2288
+  _globals['_HEARTBEATREPLY']._serialized_start=2290
+  _globals['_HEARTBEATREPLY']._serialized_end=2343
+  _globals['_LEAVEREQUEST']._serialized_start=2345
+  _globals['_LEAVEREQUEST']._serialized_end=2375
+  _globals['_LEAVEREPLY']._serialized_start=2377
+  _globals['_LEAVEREPLY']._serialized_end=2389
+  _globals['_FEDERATION']._serialized_start=2392
+  _globals['_FEDERATION']._serialized_end=2746
 # @@protoc_insertion_point(module_scope)

@@ -105,14 +105,20 @@ class ClientUpdate(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class DeviceProfile(_message.Message):
-    __slots__ = ("memory_mb", "compute_class", "codecs")
+    __slots__ = ("memory_mb", "compute_class", "codecs", "threads", "accelerator", "step_ms")
     MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_CLASS_FIELD_NUMBER: _ClassVar[int]
     CODECS_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_FIELD_NUMBER: _ClassVar[int]
+    STEP_MS_FIELD_NUMBER: _ClassVar[int]
     memory_mb: int
     compute_class: str
     codecs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, memory_mb: _Optional[int] = ..., compute_class: _Optional[str] = ..., codecs: _Optional[_Iterable[str]] = ...) -> None: ...
+    threads: int
+    accelerator: str
+    step_ms: float
+    def __init__(self, memory_mb: _Optional[int] = ..., compute_class: _Optional[str] = ..., codecs: _Optional[_Iterable[str]] = ..., threads: _Optional[int] = ..., accelerator: _Optional[str] = ..., step_ms: _Optional[float] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("protocol_version", "name", "profile")

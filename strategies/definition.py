@@ -33,8 +33,13 @@ class DeviceProfile(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     memory_mb: int = Field(0, ge=0, description="Usable memory; 0 = unknown.")
-    compute_class: str = Field("cpu", description="e.g. cpu, gpu, phone.")
+    compute_class: str = Field("cpu", max_length=64, description="e.g. cpu, gpu, phone.")
     codecs: tuple[str, ...] = Field(("none",), description="Update codecs the client can encode.")
+    threads: int = Field(0, ge=0, description="CPU threads the client trains with; 0 = unknown.")
+    accelerator: str = Field("", max_length=200, description="What it trains on besides the CPU, e.g. "
+                                                             "'cuda: NVIDIA H200'; empty = the CPU alone.")
+    step_ms: float = Field(0.0, ge=0, allow_inf_nan=False, description="Milliseconds one training step (forward and "
+                           "backward of one batch) took in the client's probe on the run's model; 0 = not measured.")
 
 
 @dataclass(frozen=True)
