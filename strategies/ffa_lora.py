@@ -58,7 +58,7 @@ class FfaLoraServer(HeterogeneousLoraServer):
         self._digests: dict[AdapterShape, str] = {}
 
     def a_digest(self, shape: AdapterShape) -> str:
-        """The digest of the frozen A an adapter of `shape` holds (the full A's first rows, its layers); once per shape."""
+        """The digest of the frozen A an adapter of `shape` holds (the full A's first rows, its layers), made once."""
         if shape not in self._digests:
             names = [name for name in self.workspace.names_at(shape) if is_lora_a(name)]
             self._digests[shape] = tensor_digest({name: truncate(name, self.frozen_a[name], shape.rank)

@@ -139,7 +139,9 @@ class HetLoraClient(HeterogeneousLoraClient):
         update = super().fit(workspace, instruction, data)
         rank = workspace.active_shape.rank
         keep = max(1, math.floor(self.config.prune_decay * rank))
-        if not self.config.self_prune or keep >= rank or tail_share(update.tensors, keep) >= self.config.prune_threshold:
+        if not self.config.self_prune or keep >= rank:
+            return update
+        if tail_share(update.tensors, keep) >= self.config.prune_threshold:
             return update
         return update.model_copy(update={"metrics": {**update.metrics, PRUNED_RANK: float(keep)}})
 
