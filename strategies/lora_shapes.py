@@ -30,6 +30,7 @@ from fedtune.strategies.api import (
     InvalidInstruction,
     Refusal,
     Refused,
+    Setting,
     TensorMap,
     TensorSpec,
 )
@@ -77,7 +78,7 @@ class HeterogeneousLoraConfig(FedAvgLoraConfig):
         return self
 
 
-def shape_settings(shape: AdapterShape) -> dict[str, int]:
+def shape_settings(shape: AdapterShape) -> dict[str, Setting]:
     return {RANK_SETTING: shape.rank, DEPTH_SETTING: shape.depth or 0}
 
 

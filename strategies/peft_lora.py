@@ -71,11 +71,12 @@ def layer_of(name: str) -> int | None:
 
 
 def truncate(name: str, tensor: torch.Tensor, rank: int) -> torch.Tensor:
-    """The first `rank` components of a LoRA factor (rows of A, columns of B); other tensors as they are."""
+    """The first `rank` components of a LoRA factor (rows of A, columns of B), as a contiguous copy; other
+    tensors as they are."""
     if is_lora_a(name):
-        return tensor[:rank].clone()
+        return tensor[:rank].clone(memory_format=torch.contiguous_format)
     if is_lora_b(name):
-        return tensor[:, :rank].clone()
+        return tensor[:, :rank].clone(memory_format=torch.contiguous_format)
     return tensor
 
 

@@ -315,6 +315,7 @@ def test_three_device_classes_over_grpc_end_with_fedsims_global_adapter(tmp_path
         run_config,
         start_client,
         start_server,
+        stored,
         write_partitions,
     )
 
@@ -335,6 +336,9 @@ def test_three_device_classes_over_grpc_end_with_fedsims_global_adapter(tmp_path
         assert [row.get(key) for row in rows] == [row.get(key) for row in want.metrics], key
     assert rows[-1]["payload_up.phone"] < rows[-1]["payload_up.laptop"] < rows[-1]["payload_up.workstation"]
     assert_same_tensors(server.global_model(), want.global_model)
+    profiles = {record.client_id: record.profile for record in stored(server.run_dir, lambda store: store.clients())}
+    assert {cid: profile.compute_class for cid, profile in profiles.items()} == GRPC_CLASSES
+    assert all(p.step_ms > 0 and p.memory_mb > 0 and p.threads == 1 for p in profiles.values())  # measured
 
 
 @pytest.mark.e2e
@@ -354,3 +358,45 @@ def test_a_device_too_small_is_refused_at_registration_and_the_server_keeps_serv
     finish(clients, tmp_path)
     assert server.wait(60) == 0, server.output()[-3000:]
     assert [row["clients"] for row in server.metrics()] == [0, 2]
+
+
+# -- what a device reports ------------------------------------------------------------------------------------------
+
+
+def test_fedclient_measures_what_its_flags_leave_out_and_keeps_what_they_give():
+    from argparse import Namespace
+
+    from fedtune.fedclient.cli import device_profile
+
+    measured = device_profile(Namespace(memory_mb=None, compute_class="phone", device=None), ("none",))
+    assert measured.memory_mb > 0 and measured.threads == torch.get_num_threads() and measured.compute_class == "phone"
+    given = device_profile(Namespace(memory_mb=1500, compute_class="cpu", device=None), ("none",))
+    assert given.memory_mb == 1500
+    assert device_profile(Namespace(memory_mb=0, compute_class="cpu", device=None), ("none",)).memory_mb == 0
+
+
+def test_the_timed_training_step_changes_nothing_in_the_model():
+    from fedtune.fedclient.probe import time_training_step
+
+    federation = build_federation(tiny_config(strategy="hetlora"))
+    workspace, client_id = federation.workspace, "client-000"
+    before = {name: tensor.clone() for name, tensor in workspace.model.state_dict().items()}
+    rng = torch.random.get_rng_state()
+    assert time_training_step(workspace.model, federation.data.clients[client_id], federation.config.train) > 0
+    assert all(torch.equal(before[name], tensor) for name, tensor in workspace.model.state_dict().items())
+    assert all(p.grad is None for p in workspace.model.parameters()) and not workspace.model.training
+    assert torch.equal(rng, torch.random.get_rng_state())
+
+
+@pytest.mark.parametrize("example", ["hetlora_devices", "flexlora_devices"])
+def test_the_readme_examples_give_each_class_its_shape_and_train(example: str, tmp_path: Path):
+    from fedtune.simulations.config import load_config
+
+    config = load_config(Path(__file__).parents[1] / "examples" / "configs" / f"{example}.toml", {"rounds": 1})
+    federation = build_federation(config)
+    shapes = {cls: federation.server.shape(cid).label() for cid, cls in federation.server.compute_classes.items()}
+    assert shapes == {"hetlora_devices": {"phone": "r2_d1", "laptop": "r4", "workstation": "r8"},
+                      "flexlora_devices": {"phone": "r4_d1", "laptop": "r4", "workstation": "r8"}}[example]
+    rows = run_simulation(config, tmp_path, show_progress=False)
+    last = rows[-1].model_dump()
+    assert last["clients"] == 6 and last["payload_up.phone"] < last["payload_up.laptop"] < last["payload_up.workstation"]
