@@ -25,6 +25,7 @@ from fedtune.strategies.lora_shapes import (
     HeterogeneousLoraClient,
     HeterogeneousLoraConfig,
     HeterogeneousLoraServer,
+    rank_axis,
 )
 from fedtune.strategies.peft_lora import LoraWorkspace, is_lora_a
 from fedtune.strategies.registry import register
@@ -60,7 +61,7 @@ class FlexLoraServer(HeterogeneousLoraServer):
 
     def aggregate(self, round: int, updates: Sequence[ClientUpdate]) -> None:
         ordered = sorted(updates, key=lambda update: update.client_id)
-        self.combine(ordered, per_slice=False)  # the head (and any other plain tensor): the sample-weighted mean
+        self.combine(ordered, per_slice=False, include=lambda name: rank_axis(name) is None)  # the head: a mean
         dropped = total = 0.0
         for a_name in [name for name in self.global_tensors if is_lora_a(name)]:
             b_name = a_name.replace(".lora_A.", ".lora_B.")

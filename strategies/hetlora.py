@@ -111,15 +111,22 @@ class HetLoraServer(HeterogeneousLoraServer):
                                 f"from 1 to its rank {rank}, got {pruned}")
 
     def aggregate(self, round: int, updates: Sequence[ClientUpdate]) -> None:
-        norms = {update.client_id: module_norms(update.tensors) for update in updates}
+        norms = {update.client_id: module_norms(update.tensors) for update in updates} \
+            if self.config.weighting == "norm" else {}
+        module_totals: dict[str, float] = {}
+        for by_module in norms.values():
+            for module, norm in by_module.items():
+                module_totals[module] = module_totals.get(module, 0.0) + norm
 
         def weight(name: str, update: ClientUpdate) -> float:
-            if self.config.weighting == "samples" or not (is_lora_a(name) or is_lora_b(name)):
+            """The module's norm under `weighting = "norm"`; the sample count for the head, and for a module
+            whose every reply is all zero (no norm to weight by)."""
+            module = module_of(name)
+            if not norms or not (is_lora_a(name) or is_lora_b(name)) or module_totals.get(module, 0.0) == 0:
                 return update.num_examples
-            return norms[update.client_id][module_of(name)]
+            return norms[update.client_id][module]
 
-        by_norm = self.config.weighting == "norm" and any(sum(n.values()) > 0 for n in norms.values())
-        self.combine(updates, per_slice=self.config.aggregation == "rank_sliced", weight=weight if by_norm else None)
+        self.combine(updates, per_slice=self.config.aggregation == "rank_sliced", weight=weight)
         for update in updates:
             pruned = update.metrics.get(PRUNED_RANK)
             shape = self.shape(update.client_id)

@@ -261,14 +261,15 @@ class HeterogeneousLoraServer(FedAvgLoraServer):
         self.combine(updates, per_slice=False)
 
     def combine(self, updates: Sequence[ClientUpdate], per_slice: bool,
-                weight: Callable[[str, ClientUpdate], float] | None = None) -> None:
-        """`padded_mean` of every global tensor over the replies (in client-id order) that hold it, with
-        `weight(name, update)` (default: the sample count); a tensor nobody sent keeps its value."""
+                weight: Callable[[str, ClientUpdate], float] | None = None,
+                include: Callable[[str], bool] | None = None) -> None:
+        """`padded_mean` of every global tensor (or those `include` names) over the replies, in client-id order,
+        that hold it, with `weight(name, update)` (default: the sample count); a tensor nobody sent keeps its value."""
         ordered = sorted(updates, key=lambda update: update.client_id)
         combined = {}
         for name, previous in self.global_tensors.items():
             holders = [update for update in ordered if name in update.tensors]
-            if not holders:
+            if not holders or (include is not None and not include(name)):
                 combined[name] = previous
                 continue
             weights = [weight(name, update) if weight else update.num_examples for update in holders]
