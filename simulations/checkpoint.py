@@ -3,7 +3,7 @@
 After every synchronous round fedsim writes `<out>/checkpoint.pt` atomically (a temporary file, fsync,
 rename: a kill at any moment leaves the previous checkpoint or the new one, never half of one). It
 holds the resolved config, the round, the server strategy's and every client strategy's state (from
-the workers that own them when `workers > 1`), the simulated clock, the retired clients, the global
+the workers or Ray actors that own them), the simulated clock, the retired clients, the global
 random generators and the metrics rows so far. Everything else a round uses is derived from the seed
 and the round number (sampling, batches, channel noise, device classes), so a resumed run computes
 what the unbroken run computes, bit for bit.
@@ -25,15 +25,15 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from fedtune.simulations.config import ConfigError, SimulationConfig
-from fedtune.simulations.workers import WorkerPool
+from fedtune.simulations.workers import ClientPool
 
 if TYPE_CHECKING:  # the runner imports this module
     from fedtune.simulations.runner import Federation
 
 CHECKPOINT_FILE = "checkpoint.pt"
-OUTPUT_ONLY = frozenset({"tracking"})
-"""Config fields a resumed run may change: where metrics go. Any other (even `workers` or `threads`, which
-change how torch splits its sums) could change the result."""
+OUTPUT_ONLY = frozenset({"tracking", "ray_address"})
+"""Config fields a resumed run may change: where metrics go, and where the Ray cluster's head now is. Any other
+(even `workers`, `threads` or `backend`, which change how torch splits its sums) could change the result."""
 
 
 class Checkpoint(BaseModel):
@@ -87,7 +87,7 @@ def differences(first: Mapping[str, Any], second: Mapping[str, Any], prefix: str
     return paths
 
 
-def take_checkpoint(federation: Federation, pool: WorkerPool | None, round: int,
+def take_checkpoint(federation: Federation, pool: ClientPool | None, round: int,
                     rows: Sequence[dict[str, Any]]) -> Checkpoint:
     """The run's state now, right after `round` completed."""
     clients = pool.client_states() if pool is not None else {

@@ -2,6 +2,7 @@
 
   fedsim run [CONFIG.toml] --out DIR [--rounds N] [--set SECTION.FIELD=VALUE ...]   run one
   fedsim run [CONFIG.toml] --out DIR --resume   continue an interrupted run after its last completed round
+  fedsim run [CONFIG.toml] --out DIR --ray-address HOST:PORT   run the clients on a Ray cluster's nodes
   fedsim config [CONFIG.toml] [--set ...]   the config a run would use: every section and field, as TOML
   fedsim strategies                         the strategies and wrappers a config can name
 """
@@ -40,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         add_set_option(command)
     run.add_argument("--out", type=Path, default=Path("runs/fedsim"), help="output directory")
     run.add_argument("--rounds", type=int, help="override the config's round count (as --set rounds=N)")
+    run.add_argument("--ray-address", metavar="HOST:PORT",
+                     help="run the clients on the Ray cluster whose head is at HOST:PORT, one actor per node (as "
+                          "--set backend=ray --set ray_address=HOST:PORT; needs `pip install 'fedtune[ray]'`)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out after its last completed round (its checkpoint.pt); the config "
@@ -64,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     from fedtune.strategies.runconfig import ConfigError, load_run_config
 
     rounds = getattr(args, "rounds", None)
-    overrides = {} if rounds is None else {"rounds": rounds}
+    overrides: dict[str, Any] = {} if rounds is None else {"rounds": rounds}
+    if ray_address := getattr(args, "ray_address", None):
+        overrides.update(backend="ray", ray_address=ray_address)
     resume = getattr(args, "resume", False)
     try:
         if resume and args.config is None:

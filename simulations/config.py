@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedtune.simulations.clock import DevicesConfig, trace_path
 from fedtune.strategies.runconfig import ConfigError, RunConfig, load_run_config
@@ -55,6 +55,12 @@ class SimulationConfig(RunConfig):
                                          "evaluation and aggregation); forked workers run one each. Default: "
                                          "OMP_NUM_THREADS when set, else this machine's cores ÷ workers, so the run "
                                          "never oversubscribes it.")
+    backend: Literal["local", "ray"] = Field(
+        "local", description="Where clients run: local (this process, or `workers` forked ones) or ray (one actor "
+                             "per node of the Ray cluster at ray_address; pip install 'fedtune[ray]').")
+    ray_address: str | None = Field(
+        None, description="backend = ray: the cluster's head, HOST:PORT as `ray start --head` prints it, or 'auto' "
+                          "(the cluster this machine belongs to).")
     channel: ChannelConfig | None = Field(None, description="Noisy links (fedsim only); see simulations.channel.")
     devices: DevicesConfig = Field(
         default_factory=DevicesConfig, description="Simulated devices: classes, per-client devices, a trace; "
@@ -64,6 +70,28 @@ class SimulationConfig(RunConfig):
                                 "None = no deadline.")
     quorum: float = Field(1.0, gt=0, le=1, description="Share of the selected clients whose updates close a round "
                                                         "once its deadline has passed (as fedserver's).")
+
+    @field_validator("ray_address")
+    @classmethod
+    def _head_address(cls, address: str | None) -> str | None:
+        if address is None or address == "auto":
+            return address
+        host, _, port = address.rpartition(":")
+        if "://" in address or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{address!r} is not HOST:PORT (e.g. 10.0.0.1:6379, as `ray start --head` prints it) "
+                             "nor 'auto' (Ray Client's ray:// addresses are not supported)")
+        return address
+
+    @model_validator(mode="after")
+    def _ray_backend(self) -> Self:
+        if self.backend == "ray" and self.ray_address is None:
+            raise ValueError("backend = 'ray' needs ray_address: the cluster head's HOST:PORT, or 'auto'")
+        if self.backend != "ray" and self.ray_address is not None:
+            raise ValueError("ray_address is only used with backend = 'ray'")
+        if self.backend == "ray" and self.workers > 1:
+            raise ValueError("workers forks processes on this machine; with backend = 'ray' each node of the "
+                             "cluster runs one actor: leave workers = 1")
+        return self
 
     def process_threads(self) -> int:
         """fedsim's own torch threads: `threads`, or this machine's share for each of the run's processes."""

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -29,7 +30,7 @@ from fedtune.simulations.channel import Channel
 from fedtune.simulations.checkpoint import CHECKPOINT_FILE, restore, resumable, save_checkpoint, take_checkpoint
 from fedtune.simulations.clock import DeviceClock
 from fedtune.simulations.config import ConfigError, SimulationConfig
-from fedtune.simulations.workers import WorkerPool, run_clients
+from fedtune.simulations.workers import ClientPool, WorkerPool, run_clients
 from fedtune.strategies.api import (
     ClientStrategy,
     ClientUpdate,
@@ -44,6 +45,9 @@ from fedtune.strategies.registry import resolve
 from fedtune.tasks.data import FederatedData, TokenDataset, prepare_federated_data, require_fields
 from fedtune.tasks.models import load_model
 from fedtune.tasks.training import planned_steps
+
+if TYPE_CHECKING:  # imported when a run asks for Ray (it imports this module)
+    from fedtune.simulations.ray_backend import RayPool
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +99,18 @@ def build_federation(config: SimulationConfig) -> Federation:
     workspace = definition.build_workspace(bundle, strategy_config, context)
     server = definition.server(strategy_config, context)
     server.initialize(workspace)
-    clients = {cid: definition.client(strategy_config, context, cid) for cid in data.clients}
-    for client_id in clients:
-        server.on_client_registered(client_id, clock.devices[client_id].profile)
+    clients = {}
+    for client_id in sorted(data.clients):
+        try:
+            server.on_client_registered(client_id, clock.devices[client_id].profile)
+        except Refused as refusal:  # as fedserver refuses it at registration: the device takes no part
+            log.warning("fedsim: %s", refusal)
+            del data.clients[client_id]
+            eval_data.pop(client_id, None)
+            continue
+        clients[client_id] = definition.client(strategy_config, context, client_id)
+    if not clients:
+        raise ConfigError("no client can take part: the strategy refused every device (see the warnings above)")
     return Federation(config, workspace, server, clients, data, clock, eval_data)
 
 
@@ -117,7 +130,7 @@ ClientProgress = Callable[[int, int, int], None]
 
 
 def work(federation: Federation, engine: RoundEngine, channel: Channel, round: int,
-         instructions: Mapping[str, Instruction], pool: WorkerPool | None,
+         instructions: Mapping[str, Instruction], pool: ClientPool | None,
          on_trained: ClientProgress | None = None) -> dict[str, Reply]:
     """Send `instructions` through the channel, run the clients' local work (here or in the pool's
     workers) and time each on the device clock from `federation.now`. Every message goes through its
@@ -184,7 +197,7 @@ def submit(engine: RoundEngine, update: ClientUpdate, wire_bytes: int) -> None:
         log.info("fedsim: update from %s refused: %s", update.client_id, refused)
 
 
-def run_round(federation: Federation, engine: RoundEngine, round: int, pool: WorkerPool | None = None,
+def run_round(federation: Federation, engine: RoundEngine, round: int, pool: ClientPool | None = None,
               evaluate_only: bool = False, on_trained: ClientProgress | None = None) -> RoundMetrics:
     """One synchronous round at simulated time `federation.now`: instructions down to the online clients
     the strategy samples, local work, updates up, aggregation, evaluation.
@@ -213,7 +226,7 @@ def run_round(federation: Federation, engine: RoundEngine, round: int, pool: Wor
                                 "sim_time_s": closed, "sim_round_s": closed - start})
 
 
-def run_synchronous(federation: Federation, engine: RoundEngine, pool: WorkerPool | None,
+def run_synchronous(federation: Federation, engine: RoundEngine, pool: ClientPool | None,
                     on_round: Callable[[RoundMetrics], None], first_round: int = 1,
                     on_trained: ClientProgress | None = None) -> str | None:
     """Rounds first_round..rounds (a resumed run starts after its checkpoint), each starting when a client is
@@ -234,7 +247,7 @@ def run_synchronous(federation: Federation, engine: RoundEngine, pool: WorkerPoo
     return None
 
 
-def run_asynchronous(federation: Federation, engine: RoundEngine, pool: WorkerPool | None,
+def run_asynchronous(federation: Federation, engine: RoundEngine, pool: ClientPool | None,
                      on_round: Callable[[RoundMetrics], None], on_trained: ClientProgress | None = None) -> str | None:
     """Buffered asynchronous rounds (strategies.fedbuff) on the device clock: whenever a client is free
     and online it is handed the current global model (up to `concurrency` at once); updates are taken
@@ -283,6 +296,10 @@ def run_simulation(config: SimulationConfig, out_dir: Path, show_progress: bool 
     """Run `config` into `out_dir`, checkpointing after every synchronous round; `resume` continues the run
     checkpointed there after its last completed round (`simulations.checkpoint`)."""
     checkpoint = resumable(config, out_dir) if resume else None
+    if config.ray_address is not None:  # Ray missing or no cluster there: say so before the model loads
+        from fedtune.simulations.ray_backend import check_cluster
+
+        check_cluster(config.ray_address)
     out_dir.mkdir(parents=True, exist_ok=True)
     if checkpoint is None:
         for stale in ("metrics.jsonl", CHECKPOINT_FILE):
@@ -292,8 +309,12 @@ def run_simulation(config: SimulationConfig, out_dir: Path, show_progress: bool 
     if checkpoint is not None:
         restore(federation, checkpoint)
     # Fork before anything else runs (evaluation threads, the progress bar): workers share the base model.
-    pool = None
-    if config.workers > 1:
+    pool: WorkerPool | RayPool | None = None
+    if config.backend == "ray":
+        from fedtune.simulations.ray_backend import RayPool
+
+        pool = RayPool(config, federation.clients, None if checkpoint is None else checkpoint.clients)
+    elif config.workers > 1:
         pool = WorkerPool(federation.clients, federation.workspace, federation.data.clients, config.workers,
                           federation.eval_data)
     central_data = federation.data.eval if config.evaluation.central else None

@@ -18,6 +18,7 @@ instructions and sends back the protobuf bytes of their updates; the parent subm
 client-id order, so a deterministic strategy gives the same global model whatever N is. Meanwhile
 a worker says as each client's work ends (`ClientTrained`, for fedsim's progress line), and it
 hands over its clients' strategy states when asked (`StateRequest`, for fedsim's checkpoint).
+The worker's side of this is a `ClientHost`, which `simulations.ray_backend`'s actors serve too.
 
 Memory: workers map large allocations (activations) separately and hand freed memory back to the
 OS after each fit, and the parent does so before each round, so that what a worker holds between
@@ -31,10 +32,10 @@ import gc
 import io
 import multiprocessing
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from multiprocessing.connection import Connection, wait
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -89,6 +90,39 @@ class WorkerError(RuntimeError):
     """A worker raised or died; the message names the worker and carries its traceback or exit code."""
 
 
+def client_outcomes(
+    clients: Mapping[str, ClientStrategy],
+    workspace: Workspace,
+    data: Mapping[str, TokenDataset],
+    round: int,
+    instructions: Mapping[str, Instruction],
+    release_memory: bool = False,
+    eval_data: Mapping[str, TokenDataset | None] | None = None,
+) -> Iterator[tuple[str, ClientOutcome]]:
+    """Local work of `clients` for one round, yielding each instructed client's outcome as its work ends:
+    `respond` (fit, and evaluation on the client's `eval_data` when asked) for those with an instruction,
+    then, once the last is yielded, the `idle` hook for every other one (also those that retired), as a
+    device would do it. Exhaust it: the idle hooks are part of the round. `release_memory` hands the freed
+    activations back to the OS after each fit. A generator, so that each transport (this process, a forked
+    worker's pipe, a Ray actor's stream) passes outcomes on as they come."""
+    trained: set[str] = set()
+    for client_id in sorted(instructions):
+        try:
+            update = clients[client_id].respond(workspace, instructions[client_id], data[client_id],
+                                                (eval_data or {}).get(client_id))
+        except ClientRetired as retired:
+            yield client_id, ClientOutcome(retired=str(retired))
+        else:
+            trained.add(client_id)
+            outcome = ClientOutcome(update=update_to_proto(update).SerializeToString())
+            if release_memory:
+                _trim_heap()
+            yield client_id, outcome
+    for client_id, client in clients.items():
+        if client_id not in trained:
+            client.idle(workspace, round, data[client_id])
+
+
 def run_clients(
     clients: Mapping[str, ClientStrategy],
     workspace: Workspace,
@@ -99,27 +133,84 @@ def run_clients(
     eval_data: Mapping[str, TokenDataset | None] | None = None,
     on_trained: Callable[[str], None] | None = None,
 ) -> dict[str, ClientOutcome]:
-    """Local work of `clients` for one round: `respond` (fit, and evaluation on the client's `eval_data` when
-    asked) for those with an instruction, then the `idle` hook for every other one (also those that
-    retired), as a device would do it. `release_memory` hands the freed activations back to the OS after each fit;
-    `on_trained(client_id)` hears of each instructed client as its work ends (progress)."""
+    """`client_outcomes` collected: every client's outcome for the round; `on_trained(client_id)` hears of each
+    instructed client as its work ends (progress)."""
     outcomes: dict[str, ClientOutcome] = {}
-    for client_id in sorted(instructions):
-        try:
-            update = clients[client_id].respond(workspace, instructions[client_id], data[client_id],
-                                                (eval_data or {}).get(client_id))
-        except ClientRetired as retired:
-            outcomes[client_id] = ClientOutcome(retired=str(retired))
-        else:
-            outcomes[client_id] = ClientOutcome(update=update_to_proto(update).SerializeToString())
-            if release_memory:
-                _trim_heap()
+    for client_id, outcome in client_outcomes(clients, workspace, data, round, instructions, release_memory,
+                                              eval_data):
+        outcomes[client_id] = outcome
         if on_trained is not None:
             on_trained(client_id)
-    for client_id, client in clients.items():
-        if outcomes.get(client_id, ClientOutcome()).update is None:
-            client.idle(workspace, round, data[client_id])
     return outcomes
+
+
+class ClientHost:
+    """The clients one worker owns and what they share, behind the messages a pool exchanges with it.
+
+    The worker side of every pool: a forked worker (`WorkerPool`) and a Ray actor
+    (`simulations.ray_backend`) are two transports for this one object, so both decode the same
+    protobuf instructions, run the same client loop and encode the same updates and states.
+    """
+
+    def __init__(
+        self,
+        clients: Mapping[str, ClientStrategy],
+        workspace: Workspace,
+        data: Mapping[str, TokenDataset],
+        eval_data: Mapping[str, TokenDataset | None],
+    ):
+        self.clients, self.workspace, self.data, self.eval_data = clients, workspace, data, eval_data
+
+    def work(self, jobs: RoundJobs) -> Iterator[tuple[str, ClientOutcome]]:
+        """The round's outcomes of this worker's clients, as each client's work ends (`client_outcomes`)."""
+        instructions = {
+            cid: instruction_from_proto(pb.Instruction.FromString(encoded))
+            for cid, encoded in jobs.instructions.items()
+        }
+        return client_outcomes(self.clients, self.workspace, self.data, jobs.round, instructions,
+                               release_memory=True, eval_data=self.eval_data)
+
+    def states(self) -> dict[str, bytes]:
+        """Every owned client's strategy state, serialized to cross a process boundary as data."""
+        return {cid: serialized_state(client.state_dict()) for cid, client in self.clients.items()}
+
+    def load_states(self, states: Mapping[str, bytes]) -> None:
+        """Put serialized states (`states`, e.g. a checkpoint's) back into the owned clients."""
+        for cid, state in decoded_states(states).items():
+            self.clients[cid].load_state_dict(state)
+
+
+def pin_clients(client_ids: Iterable[str], workers: int) -> dict[str, int]:
+    """Each client's worker for the whole run: round-robin over the sorted ids."""
+    return {client_id: index % workers for index, client_id in enumerate(sorted(client_ids))}
+
+
+def round_jobs(round: int, instructions: Mapping[str, Instruction], owner: Mapping[str, int],
+               workers: int) -> list[RoundJobs]:
+    """Each worker's share of a round's instructions, protobuf-encoded as they would go on the wire."""
+    encoded: list[dict[str, bytes]] = [{} for _ in range(workers)]
+    for cid, instruction in instructions.items():
+        encoded[owner[cid]][cid] = instruction_to_proto(instruction).SerializeToString()
+    return [RoundJobs(round=round, instructions=jobs) for jobs in encoded]
+
+
+def decoded_states(states: Mapping[str, bytes]) -> dict[str, dict[str, Any]]:
+    """Strategy states as `ClientHost.states` serialized them."""
+    return {cid: torch.load(io.BytesIO(state), weights_only=True) for cid, state in states.items()}
+
+
+class ClientPool(Protocol):
+    """Where fedsim's round loop runs clients when not in its own process: forked workers (`WorkerPool`), a Ray
+    cluster's actors (`simulations.ray_backend.RayPool`)."""
+
+    def run(self, round: int, instructions: Mapping[str, Instruction],
+            on_trained: Callable[[str], None] | None = None) -> dict[str, ClientOutcome]:
+        """Every client's round (fits and idle hooks); `on_trained` hears of each client as its work ends."""
+        ...
+
+    def client_states(self) -> dict[str, dict[str, Any]]:
+        """Every client's strategy state, from wherever it lives (fedsim's checkpoint)."""
+        ...
 
 
 class WorkerPool:
@@ -144,7 +235,7 @@ class WorkerPool:
         # write to every inherited object and so copy its page (Python's advice for fork without exec).
         gc.collect()
         gc.freeze()
-        self.owner = {client_id: index % workers for index, client_id in enumerate(sorted(clients))}
+        self.owner = pin_clients(clients, workers)
         self._links: list[Connection] = []
         self._processes: list[multiprocessing.process.BaseProcess] = []
         for worker in range(workers):
@@ -166,13 +257,8 @@ class WorkerPool:
         """Every worker does its clients' round (fits and idle hooks) in parallel; `on_trained` hears of each
         client as its work ends, in whichever worker."""
         _trim_heap()  # the parent idles meanwhile: return what its evaluation freed before the workers peak
-        for worker, link in enumerate(self._links):
-            jobs = {
-                cid: instruction_to_proto(instruction).SerializeToString()
-                for cid, instruction in instructions.items()
-                if self.owner[cid] == worker
-            }
-            link.send(RoundJobs(round=round, instructions=jobs))
+        for link, jobs in zip(self._links, round_jobs(round, instructions, self.owner, len(self._links)), strict=True):
+            link.send(jobs)
         outcomes: dict[str, ClientOutcome] = {}
         working = dict(enumerate(self._links))
         while working:
@@ -198,7 +284,7 @@ class WorkerPool:
             reply = self._receive(worker, link)
             if isinstance(reply, WorkerFailure):
                 raise WorkerError(f"fedsim worker {worker} failed to report its clients' states:\n{reply.traceback}")
-            states.update({cid: torch.load(io.BytesIO(state), weights_only=True) for cid, state in reply.items()})
+            states.update(decoded_states(reply))
         return states
 
     def _receive(self, worker: int, link: Connection) -> Any:
@@ -252,6 +338,13 @@ def _map_large_allocations() -> None:
         _LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
 
 
+def configure_worker_process(threads: int) -> None:
+    """What a process that runs clients sets first, before torch does any work: its threads, and memory that
+    goes back to the OS after each fit."""
+    apply_threads(threads)
+    _map_large_allocations()
+
+
 def _glibc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -271,25 +364,24 @@ def _serve(
     eval_data: Mapping[str, TokenDataset | None],
 ) -> None:
     """A worker's loop: decode the round's instructions, run its clients, send encoded outcomes."""
-    apply_threads(WORKER_THREADS)
-    _map_large_allocations()
+    configure_worker_process(WORKER_THREADS)
+    host = ClientHost(clients, workspace, data, eval_data)
     while (jobs := link.recv()) is not None:
         try:
             if isinstance(jobs, StateRequest):
-                link.send({cid: _serialized(client.state_dict()) for cid, client in clients.items()})
+                link.send(host.states())
                 continue
-            instructions = {
-                cid: instruction_from_proto(pb.Instruction.FromString(encoded))
-                for cid, encoded in jobs.instructions.items()
-            }
-            link.send(run_clients(clients, workspace, data, jobs.round, instructions, release_memory=True,
-                                  eval_data=eval_data, on_trained=lambda cid: link.send(ClientTrained(client_id=cid))))
+            outcomes: dict[str, ClientOutcome] = {}
+            for client_id, outcome in host.work(jobs):
+                outcomes[client_id] = outcome
+                link.send(ClientTrained(client_id=client_id))
+            link.send(outcomes)
         except Exception:  # noqa: BLE001 - any failure goes back to the parent, which stops the run
             link.send(WorkerFailure(traceback=traceback.format_exc()))
     link.close()
 
 
-def _serialized(state: dict[str, Any]) -> bytes:
+def serialized_state(state: dict[str, Any]) -> bytes:
     """A strategy state as torch.save bytes: its tensors cross the pipe as data, not as shared-memory handles."""
     buffer = io.BytesIO()
     torch.save(state, buffer)

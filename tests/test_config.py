@@ -21,7 +21,7 @@ CONFIGS = [SimulationConfig, ServerConfig]
 
 def test_fedsim_and_fedserver_add_only_their_own_sections_to_the_base():
     assert set(SimulationConfig.model_fields) - set(RunConfig.model_fields) == {
-        "workers", "threads", "channel", "devices", "round_deadline_s", "quorum"}
+        "workers", "threads", "backend", "ray_address", "channel", "devices", "round_deadline_s", "quorum"}
     assert set(ServerConfig.model_fields) - set(RunConfig.model_fields) == {"server", "limits"}
     for config_class in CONFIGS:
         assert issubclass(config_class, RunConfig) and set(RunConfig.model_fields) <= set(config_class.model_fields)
