@@ -1,17 +1,23 @@
-"""Transport benchmark: one large update through fedclient -> fedserver vs a raw grpcio stream of the same bytes.
+"""Transport benchmark: large updates through fedclient -> fedserver vs a raw grpcio stream of the same bytes.
 
-    .venv/bin/python benchmarks/bench_transport.py [--mib 256] [--repeats 2]
+    .venv/bin/python benchmarks/bench_transport.py [--mib 256] [--clients 1] [--repeats 2]
 
 Both paths run on loopback without TLS, in the same session, with 2 MiB chunks:
   fedtune  a fedserver process (fedavg_lora on the tiny model, LoRA rank chosen so the adapter is
-           --mib MiB); this process registers with the fedclient library, pulls the instruction and
-           pushes an update of that size. The push is timed from the first byte to the server's OK,
-           which includes reassembly, SHA-256 on both ends, the strategy's validation and the SQLite
-           commit that makes the update durable.
+           --mib MiB, min_clients = --clients); this process registers that many clients with the
+           fedclient library, each pulls its instruction, then each pushes an update of that size,
+           one after the other. The first push is timed from the first byte to the server's OK, which
+           includes SHA-256 on both ends, writing the payload file and its fsync, the strategy's
+           validation and the SQLite commit of the update's metadata.
   raw      a bare grpcio server process with one client-streaming method that appends each chunk into
            a preallocated buffer; the client streams the same bytes.
-Reported: throughput of each, their ratio (goal >= 0.8), and each server's RSS increase while
-receiving, as a multiple of the update (goal < 2x), plus the fedserver's peak RSS over the run.
+  disk     the same bytes written to a file beside the run dir and fsync'd (no network): what storing
+           the update durably costs on this disk alone.
+Reported: throughput of each, the ratio fedtune/raw (goal >= 0.8) and fedtune/disk, each server's RSS
+increase while receiving as a multiple of the update (goal < 2x), the fedserver's peak RSS over the
+whole round (all pushes, aggregation, evaluation, checkpoint, commit) above its RSS once the
+instructions went out (goal <= 3x one update), also without file-backed pages (mapped payload
+files), and its peak over the whole run.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,6 +33,7 @@ import threading
 import time
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -39,27 +47,37 @@ RAW_METHOD = "/bench.Raw/Upload"
 
 
 class RssSampler:
-    """Peak resident memory of a process, sampled every few milliseconds in a thread."""
+    """Peak resident memory of a process, sampled every few milliseconds in a thread: all of it, and the
+    part that is not file-backed (RSS minus shared pages: the heap, not mapped payload files that the
+    kernel can drop and read again)."""
 
     def __init__(self, pid: int):
         self.process = psutil.Process(pid)
         self.peak = 0
+        self.peak_anonymous = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.peak = max(self.peak, self.process.memory_info().rss)
+                info = self.process.memory_info()
             except psutil.Error:
                 return
+            self.peak = max(self.peak, info.rss)
+            self.peak_anonymous = max(self.peak_anonymous, info.rss - info.shared)
             time.sleep(0.005)
 
     def now(self) -> int:
         return self.process.memory_info().rss
 
+    def now_anonymous(self) -> int:
+        info = self.process.memory_info()
+        return info.rss - info.shared
+
     def __enter__(self) -> RssSampler:
         self.peak = self.now()
+        self.peak_anonymous = self.now_anonymous()
         self._thread.start()
         return self
 
@@ -121,7 +139,7 @@ def bench_raw(payload: bytes, tmp: Path) -> dict[str, float]:
 # -- fedclient -> fedserver -------------------------------------------------------------------
 
 
-def server_config(run_dir: Path, rank: int, port: int) -> str:
+def server_config(run_dir: Path, rank: int, port: int, clients: int) -> str:
     return f"""strategy = "fedavg_lora"
 rounds = 1
 seed = 0
@@ -139,14 +157,16 @@ run_dir = "{run_dir}"
 host = "127.0.0.1"
 port = {port}
 insecure = true
-min_clients = 1
+min_clients = {clients}
 linger_s = 5
 [limits]
 max_update_bytes = {4 << 30}
 """
 
 
-def bench_fedtune(mib: int, tmp: Path) -> tuple[dict[str, float], bytes]:
+def bench_fedtune(mib: int, clients: int, tmp: Path) -> tuple[dict[str, Any], bytes]:
+    """One round of `clients` updates of `mib` MiB (the same tensors from each client), pushed one after
+    the other; the first push is the one timed."""
     from fedtune.fedclient.client import ClientSettings, FederatedClient
     from fedtune.fedclient.connection import ConnectionSettings
     from fedtune.fedserver.cli import main as fedserver_main
@@ -157,54 +177,82 @@ def bench_fedtune(mib: int, tmp: Path) -> tuple[dict[str, float], bytes]:
 
     rank = math.ceil(mib * MiB / 4 / FLOATS_PER_RANK)
     run_dir = tmp / "run"
-    fedserver_main(["init", "--run-dir", str(run_dir), "--clients", "1"])
-    token = (run_dir / "enrollment-tokens.txt").read_text().split("\t")[1].strip()
+    fedserver_main(["init", "--run-dir", str(run_dir), "--clients", str(clients)])
+    tokens = [line.split("\t")[1].strip() for line in (run_dir / "enrollment-tokens.txt").read_text().splitlines()]
     with __import__("socket").socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    (tmp / "server.toml").write_text(server_config(run_dir, rank, port))
+    (tmp / "server.toml").write_text(server_config(run_dir, rank, port, clients))
     data = tmp / "data.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in load_records("builtin:ops", 0, 50)))
     server = subprocess.Popen([str(BIN / "fedserver"), "start", "--config", str(tmp / "server.toml")],
                               stdout=(tmp / "server.log").open("w"), stderr=subprocess.STDOUT)
     try:
         with RssSampler(server.pid) as whole_run:
-            client = FederatedClient(ClientSettings(
+            devices = [FederatedClient(ClientSettings(
                 connection=ConnectionSettings(server=f"127.0.0.1:{port}", token=token, ca=None, insecure=True,
                                               max_message_bytes=16 * MiB, give_up_after_s=300, max_backoff_s=1),
-                data=data, state_file=tmp / "client.state", name="client-000"))
-            client.register()
-            while True:
-                status, instruction = client.pull()
-                if status.kind == pb.PullStatus.INSTRUCTION:
-                    break
-            generator = torch.Generator().manual_seed(0)
-            tensors = {name: torch.randn(t.shape, generator=generator) for name, t in instruction.tensors.items()}
-            del instruction
-            client.workspace = None  # the bench needs only the connection from here on
-            update = ClientUpdate(client_id=client.client_id, round=1, num_examples=1, tensors=tensors)
+                data=data, state_file=tmp / f"client-{i}.state", name=f"client-{i:03d}"))
+                for i, token in enumerate(tokens)]
+            for device in devices:
+                device.register()
+            tensors: dict[str, torch.Tensor] = {}
+            for device in devices:
+                while True:
+                    status, instruction = device.pull()
+                    if status.kind == pb.PullStatus.INSTRUCTION:
+                        break
+                generator = torch.Generator().manual_seed(0)
+                tensors = tensors or {name: torch.randn(t.shape, generator=generator)
+                                      for name, t in instruction.tensors.items()}
+                del instruction
+                device.workspace = None  # the bench needs only the connection from here on
             payload_bytes = sum(t.numel() * 4 for t in tensors.values())
-            time.sleep(1.0)  # let the server settle after streaming the instruction
+            time.sleep(1.0)  # let the server settle after streaming the instructions
             with RssSampler(server.pid) as rss:
-                before = rss.now()
+                before, before_anonymous = rss.now(), rss.now_anonymous()
                 start = time.perf_counter()
-                assert client.push(update)
+                assert devices[0].push(ClientUpdate(client_id=devices[0].client_id, round=1, num_examples=1,
+                                                    tensors=tensors))
                 seconds = time.perf_counter() - start
-            client.close()
-            server.wait(timeout=600)
+                receiving = rss.peak - before
+                for device in devices[1:]:
+                    assert device.push(ClientUpdate(client_id=device.client_id, round=1, num_examples=1,
+                                                    tensors=tensors))
+                for device in devices:
+                    device.close()
+                server.wait(timeout=600)  # the round: aggregation, evaluation, checkpoint, commit
         payload = b"".join(bytes(tensor_bytes(t)) for t in tensors.values())
         assert len(payload) == payload_bytes
         accepted = next(line for line in (tmp / "server.log").read_text().splitlines() if "accepted" in line)
-        return {"seconds": seconds, "rss_increase": rss.peak - before, "rss_peak": rss.peak,
+        return {"seconds": seconds, "rss_increase": receiving, "rss_peak": rss.peak, "rss_before": before,
+                "round_increase": rss.peak - before, "round_increase_anonymous": rss.peak_anonymous - before_anonymous,
                 "rss_peak_whole_run": whole_run.peak, "rank": rank, "server_log": accepted}, payload
     finally:
         if server.poll() is None:
             server.kill()
 
 
+def bench_disk(payload: bytes, tmp: Path) -> dict[str, float]:
+    """The same bytes written in 2 MiB chunks to a file beside the run dir and fsync'd: what storing an
+    update durably costs on this disk, with no network and no hashing (a floor for the server)."""
+    path = tmp / "disk.bin"
+    view = memoryview(payload)
+    start = time.perf_counter()
+    with path.open("wb") as file:
+        for offset in range(0, len(payload), CHUNK):
+            file.write(view[offset : offset + CHUNK])
+        file.flush()
+        os.fsync(file.fileno())
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return {"seconds": seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=256, help="update size in MiB")
+    parser.add_argument("--clients", type=int, default=1, help="updates in the round (each --mib MiB)")
     parser.add_argument("--repeats", type=int, default=2, help="raw-stream repetitions (best is reported)")
     parser.add_argument("--raw-server", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
@@ -214,8 +262,9 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        fedtune, payload = bench_fedtune(args.mib, tmp)
+        fedtune, payload = bench_fedtune(args.mib, args.clients, tmp)
         raw = min((bench_raw(payload, tmp) for _ in range(args.repeats)), key=lambda r: r["seconds"])
+        disk = min((bench_disk(payload, tmp) for _ in range(args.repeats)), key=lambda r: r["seconds"])
     size = len(payload)
     print(f"update: {size / MiB:.1f} MiB (fedavg_lora rank {fedtune['rank']} on builtin:tiny-llama), "
           f"{math.ceil(size / CHUNK)} chunks of {CHUNK // MiB} MiB, loopback, no TLS")
@@ -223,8 +272,14 @@ def main() -> None:
         print(f"{name:24s} {result['seconds']:7.2f} s  {size / MiB / result['seconds']:8.1f} MiB/s  "
               f"server RSS +{result['rss_increase'] / MiB:7.1f} MiB while receiving "
               f"({result['rss_increase'] / size:.2f}x the update), peak {result['rss_peak'] / MiB:.0f} MiB")
+    print(f"{'write + fsync, no network':24s} {disk['seconds']:7.2f} s  {size / MiB / disk['seconds']:8.1f} MiB/s")
     print(f"server side: {fedtune['server_log'].split('accepted ', 1)[1]}")
-    print(f"throughput ratio fedtune/raw: {raw['seconds'] / fedtune['seconds']:.2f} (goal >= 0.8)")
+    print(f"throughput ratio fedtune/raw: {raw['seconds'] / fedtune['seconds']:.2f} (goal >= 0.8); "
+          f"fedtune/(write + fsync): {disk['seconds'] / fedtune['seconds']:.2f}")
+    print(f"fedserver RSS over the round of {args.clients} update(s), from {fedtune['rss_before'] / MiB:.0f} MiB after "
+          f"the instructions went out: peak +{fedtune['round_increase'] / MiB:.0f} MiB = "
+          f"{fedtune['round_increase'] / size:.2f}x one update (goal <= 3x); not file-backed: "
+          f"+{fedtune['round_increase_anonymous'] / MiB:.0f} MiB = {fedtune['round_increase_anonymous'] / size:.2f}x")
     print(f"fedserver peak RSS over the whole run (model, global state, aggregation, checkpoint): "
           f"{fedtune['rss_peak_whole_run'] / MiB:.0f} MiB = {fedtune['rss_peak_whole_run'] / size:.2f}x the update")
 

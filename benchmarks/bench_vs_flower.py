@@ -1,9 +1,10 @@
-"""fedsim vs Flower's own simulation on the same federated LoRA task: accuracy per round, wall
-time, and peak memory (PSS) of each run's whole process tree.
+"""fedsim, and fedtune's fedavg_lora inside Flower's simulation engine, vs Flower's own FedAvg on the same
+federated LoRA task: accuracy per round, wall time, and peak memory (PSS) of each run's whole process tree.
 
     .venv/bin/python benchmarks/bench_vs_flower.py [--rounds 3] [--local-steps 10] [--repeats 2]
 
-Needs the Flower environment (once; torch first so pip takes the local CPU wheel):
+Flower's FedAvg runs in the Flower environment when it exists (once; torch first so pip takes the local
+CPU wheel), else in this one (`fedtune[flower]` has flwr[simulation]):
 
     python3 -m venv benchmarks/.venv-flower
     benchmarks/.venv-flower/bin/pip install torch==2.13.0
@@ -23,6 +24,10 @@ processes sharing one base model), Flower's ray backend with 2 actors of 1 CPU e
 own model). A monitor thread samples each command's process tree: PSS, RSS, and the distinct
 physical pages of the tree (see process_tree.py: PSS alone is flattered by other processes on the
 machine that share the same venv's libraries, which fedsim's venv has and Flower's has not).
+
+The third command, fedtune on Flower, is fedsim's own config run by `fedtune.simulations.flower` in
+Flower's simulation engine (the same 2 actors of 1 CPU; the server's round loop is fedsim's): the same
+algorithm as Flower's FedAvg through fedtune's strategy and messages.
 """
 
 from __future__ import annotations
@@ -132,6 +137,17 @@ def run_fedsim_command(config_path: str, out_dir: str) -> None:
     run_simulation(config, Path(out_dir), show_progress=False)
 
 
+def run_fedtune_on_flower_command(config_path: str, out_dir: str) -> None:
+    """The measured run of fedsim's config in Flower's simulation engine: the ServerApp runs in this process
+    (whose seeded head becomes the initial global one, sent to the clients), the clients in `workers` actors."""
+    from fedtune.simulations.flower import run_flower_simulation
+
+    warnings.filterwarnings("ignore")
+    config = SimulationConfig.model_validate_json(Path(config_path).read_text())
+    torch.manual_seed(config.seed)  # same head as export_task (see build_seeded)
+    run_flower_simulation(config, Path(out_dir), num_cpus=config.workers)
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -144,12 +160,15 @@ def main() -> None:
     parser.add_argument("--eval-examples", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each, alternating (ABBA order)")
     parser.add_argument("--fedsim-run", nargs=2, metavar=("CONFIG_JSON", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--fedtune-flower-run", nargs=2, metavar=("CONFIG_JSON", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.fedsim_run:
         run_fedsim_command(*args.fedsim_run)
         return
-    if not FLOWER_PYTHON.exists():
-        raise SystemExit(f"bench_vs_flower: no Flower environment at {FLOWER_PYTHON}; see this file's docstring")
+    if args.fedtune_flower_run:
+        run_fedtune_on_flower_command(*args.fedtune_flower_run)
+        return
+    flower_python = FLOWER_PYTHON if FLOWER_PYTHON.exists() else Path(sys.executable)
     warnings.filterwarnings("ignore")
     config = task_config(args)
     with tempfile.TemporaryDirectory(prefix="bench_vs_flower_") as scratch:
@@ -160,14 +179,16 @@ def main() -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
         commands = {
             "fedsim": [sys.executable, __file__, "--fedsim-run", str(work / "config.json")],
-            "flower": [str(FLOWER_PYTHON), str(HERE / "flower_app.py"), str(work / "task")],
+            "flower": [str(flower_python), str(HERE / "flower_app.py"), str(work / "task")],
+            "fedtune-on-flower": [sys.executable, __file__, "--fedtune-flower-run", str(work / "config.json")],
         }
         print(f"MiniLM + LoRA on SST-2: {args.train_examples} sentences over 10 clients, {args.rounds} rounds "
-              f"x {args.local_steps} local steps; both with 2 single-thread workers; {args.repeats} run(s) each")
-        peaks: dict[str, list[TreePeak]] = {"fedsim": [], "flower": []}
+              f"x {args.local_steps} local steps; all with 2 single-thread workers; {args.repeats} run(s) each; "
+              f"Flower's FedAvg in {flower_python}")
+        peaks: dict[str, list[TreePeak]] = {name: [] for name in commands}
         rows: dict[str, list[dict[str, Any]]] = {}
         for repeat in range(args.repeats):
-            order = ("fedsim", "flower") if repeat % 2 == 0 else ("flower", "fedsim")  # ABBA against drift
+            order = list(commands) if repeat % 2 == 0 else list(reversed(commands))  # ABBA against drift
             for name in order:
                 out = work / f"{name}-{repeat}"
                 peak = run_measured([*commands[name], str(out)], work / f"{name}-{repeat}.log", env=env, cwd=ROOT)
@@ -176,26 +197,32 @@ def main() -> None:
                 print(f"{name} run {repeat + 1}: {peak.wall_s:.1f} s wall, {peak.cpu_s:.1f} s CPU, "
                       f"peak PSS {peak.pss_mb:.0f} MB, distinct pages {peak.unique_mb or float('nan'):.0f} MB",
                       flush=True)
-        report(rows["fedsim"], rows["flower"], peaks["fedsim"], peaks["flower"])
+        report(rows, peaks)
 
 
-def report(fedsim_rows: list[dict], flower_rows: list[dict], fedsim: list[TreePeak], flower: list[TreePeak]) -> None:
-    print("\nround  fedsim acc  flower acc   fedsim loss  flower loss")
-    for ours, theirs in zip(fedsim_rows, flower_rows, strict=False):
-        print(f"{ours['round']:>5}  {ours['eval_accuracy']:>10.4f}  {theirs['eval_accuracy']:>10.4f}"
-              f"   {ours['eval_loss']:>11.4f}  {theirs['eval_loss']:>11.4f}")
-    gap = max(abs(o["eval_accuracy"] - t["eval_accuracy"]) for o, t in zip(fedsim_rows, flower_rows, strict=False))
-    print(f"largest accuracy gap over the rounds: {gap:.4f}")
-    print("\nmedian over runs          fedsim    flower    ratio")
-    for label, field, goal in (("wall time (s)", "wall_s", "  (goal <= 0.9)"), ("CPU time, tree (s)", "cpu_s", ""),
-                               ("peak PSS, tree (MB)", "pss_mb", "  (goal <= 0.5)"),
-                               ("peak distinct pages (MB)", "unique_mb", "  (goal <= 0.5)"),
-                               ("peak RSS, tree (MB)", "rss_mb", ""), ("processes (peak)", "processes", "")):
-        if any(getattr(peak, field) is None for peak in (*fedsim, *flower)):
+def report(rows: dict[str, list[dict]], peaks: dict[str, list[TreePeak]]) -> None:
+    """Accuracy and loss per round of each run, then each measure's median with its ratio to Flower's FedAvg."""
+    names = list(rows)
+    print("\nround" + "".join(f"  {name + ' acc':>22}  {name + ' loss':>23}" for name in names))
+    for round_rows in zip(*rows.values(), strict=False):
+        print(f"{round_rows[0]['round']:>5}" + "".join(f"  {row['eval_accuracy']:>22.4f}  {row['eval_loss']:>23.4f}"
+                                                      for row in round_rows))
+    for name in names:
+        if name != "flower":
+            gap = max(abs(o["eval_accuracy"] - t["eval_accuracy"]) for o, t in zip(rows[name], rows["flower"],
+                                                                                     strict=False))
+            print(f"largest accuracy gap to Flower's FedAvg over the rounds, {name}: {gap:.4f}")
+    ours = [name for name in names if name != "flower"]
+    print("\nmedian over runs          " + "".join(f"{name:>18}" for name in names)
+          + "".join(f"{name + ' / flower':>27}" for name in ours))
+    for label, field in (("wall time (s)", "wall_s"), ("CPU time, tree (s)", "cpu_s"),
+                         ("peak PSS, tree (MB)", "pss_mb"), ("peak distinct pages (MB)", "unique_mb"),
+                         ("peak RSS, tree (MB)", "rss_mb"), ("processes (peak)", "processes")):
+        if any(getattr(peak, field) is None for runs in peaks.values() for peak in runs):
             continue
-        ours = statistics.median(getattr(peak, field) for peak in fedsim)
-        theirs = statistics.median(getattr(peak, field) for peak in flower)
-        print(f"{label:<22} {ours:>9.1f} {theirs:>9.1f} {ours / theirs:>8.2f}{goal}")
+        medians = {name: statistics.median(getattr(peak, field) for peak in peaks[name]) for name in names}
+        print(f"{label:<24}" + "".join(f"{medians[name]:>18.1f}" for name in names)
+              + "".join(f"{medians[name] / medians['flower']:>27.2f}" for name in ours))
 
 
 if __name__ == "__main__":

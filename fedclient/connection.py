@@ -18,7 +18,9 @@ from typing import TypeVar
 
 import grpc
 
+from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos import fedtune_pb2_grpc as rpc
+from fedtune.protos.wire import serializer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -28,6 +30,7 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
              grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED}
 TLS_FAILURE_MARKERS = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed", "Ssl handshake failed",
                        "WRONG_VERSION_NUMBER", "tls handshake", "SSL_ERROR")
+PUSH_UPDATE = "/fedtune.v1.Federation/PushUpdate"
 HANGUP_MARKER = "Socket closed"  # all gRPC says when a server hangs up, e.g. on a client certificate it refuses
 
 
@@ -57,6 +60,16 @@ def _read(option: str, path: Path) -> bytes:
         return path.read_bytes()
     except OSError as error:
         raise FatalError(f"{option}: cannot read {path}: {error}") from error
+
+
+class FederationStub(rpc.FederationStub):
+    """The generated stub, with PushUpdate's data chunks encoded by `wire.serializer` (one copy, rather
+    than upb's encoder at ~3 ms per 2 MiB chunk)."""
+
+    def __init__(self, channel: grpc.Channel):
+        super().__init__(channel)
+        self.PushUpdate = channel.stream_unary(PUSH_UPDATE, request_serializer=serializer(pb.UpdateMessage),
+                                               response_deserializer=pb.PushReply.FromString)
 
 
 class Connection:
@@ -90,7 +103,7 @@ class Connection:
             chain = _read("--cert", settings.cert) if settings.cert else None
             self.channel = grpc.secure_channel(settings.server, grpc.ssl_channel_credentials(root, key, chain),
                                                options=options)
-        self.stub = rpc.FederationStub(self.channel)
+        self.stub = FederationStub(self.channel)
         self.outages = 0  # how many times calls had to wait for the server; the client re-registers after one
 
     def close(self) -> None:

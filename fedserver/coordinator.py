@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 from fedtune.fedserver.config import ServerConfig
 from fedtune.fedserver.engine import RoundEngine, RoundState
 from fedtune.fedserver.metrics import MetricsLog, RoundMetrics
-from fedtune.fedserver.store import RunStore
+from fedtune.fedserver.store import CorruptPayload, PayloadFile, RunStore
 from fedtune.fedserver.tracking import tracking_for
 from fedtune.strategies.api import ClientUpdate, DeviceProfile, Instruction, Refusal, Refused
 from fedtune.tasks.data import TokenDataset, encode, load_records, split_holdout
@@ -215,6 +215,8 @@ class Coordinator:
         """Build the engine (tests pass a `build` around a stub strategy), then start fresh or resume."""
         self.engine = await self._call(build, self.config)
         await self._call(self._restore if resume else self._start_fresh)
+        if removed := await self._call(self.store.remove_orphan_payloads):
+            log.info("removed %d payload file(s) of uploads that were never committed: %s", len(removed), removed)
         self.tokens = await self._call(self.store.tokens)
 
     def _start_fresh(self) -> None:
@@ -250,11 +252,15 @@ class Coordinator:
         state = self.engine.current
         assert state is not None
         state.bytes_down = interrupted.bytes_down
-        for update, wire_bytes in self.store.load_updates(interrupted.round):
+        for stored in self.store.stored_updates(interrupted.round):
             try:
-                self.engine.submit(update, wire_bytes)
+                self.engine.submit(self.store.load_update(stored), stored.wire_bytes)
             except Refused as refused:
                 log.warning("resume: stored update no longer valid, dropped: %s", refused)
+                self.store.drop_update(stored)
+            except CorruptPayload as corrupt:  # the client is asked for its update again (if selected)
+                log.error("resume: stored update dropped: %s", corrupt)
+                self.store.drop_update(stored)
         self.open_round = OpenRound(state, interrupted.deadline, instructions)
         if self.engine.asynchronous is not None:
             log.info("resume: round %d continues with %d buffered update(s)", interrupted.round, len(state.accepted))
@@ -466,9 +472,9 @@ class Coordinator:
                     raise Refused(Refusal.NAME_TAKEN,
                                   f"RegisterRequest.name: {client_id!r} is already registered with another token")
 
-            def bind() -> None:
-                self.store.bind_client(client_id, token_hash, profile, time.time())
+            def bind() -> None:  # the strategy first: it may refuse the device (e.g. too little memory)
                 self.engine.strategy.on_client_registered(client_id, profile)
+                self.store.bind_client(client_id, token_hash, profile, time.time())
 
             await self._call(bind)
             self.tokens[token_hash] = client_id
@@ -573,20 +579,25 @@ class Coordinator:
         """Refuse early, before any data arrives: the engine's own decision, read from the event loop."""
         self.engine.check_upload(client_id, round)
 
-    async def submit(self, client_id: str, update: ClientUpdate, wire_bytes: int, received_s: float = 0.0) -> None:
+    async def submit(self, client_id: str, update: ClientUpdate, wire_bytes: int, received_s: float = 0.0,
+                     payload: PayloadFile | None = None) -> None:
         """Decide again (the round may have closed while the payload streamed), validate with the
-        strategy (via the engine) and store durably before the client hears OK."""
+        strategy (via the engine) and store durably before the client hears OK. `payload`: the
+        update's bytes already in a synced file (the transport received them there); from here on
+        this call owns it, and removes it unless the update is accepted."""
         started = time.perf_counter()
 
         def accept() -> None:
             try:
                 self.engine.submit(update, wire_bytes)
-            except Refused as refused:
-                if refused.reason in ROUND_MOVED_ON:
-                    closed = f"{refused} (the round closed before the upload completed)"
-                    raise Refused(refused.reason, closed) from refused
+            except BaseException as error:
+                if payload is not None:
+                    self.store.discard_payload(payload)
+                if isinstance(error, Refused) and error.reason in ROUND_MOVED_ON:
+                    closed = f"{error} (the round closed before the upload completed)"
+                    raise Refused(error.reason, closed) from error
                 raise
-            self.store.save_update(update, wire_bytes)
+            self.store.save_update(update, wire_bytes, payload)
 
         await self._call(accept)
         self.touch(client_id, f"uploaded round {update.round}")

@@ -9,7 +9,7 @@ decides everything else and answers in transport-neutral terms; this module only
 unexpected is logged and answered with INTERNAL, and the server keeps serving.
 
 An enrolled client may still be hostile, so each one gets at most max_uploads_per_client open
-upload streams, a stream silent for upload_idle_ms is cancelled and its tensors dropped, and a
+upload streams, a stream silent for upload_idle_ms is cancelled and its payload file removed, and a
 status message is capped (`limits.MAX_DETAILS_BYTES`) so that echoed client input cannot push it past
 gRPC's metadata limit, which would turn the documented code into INTERNAL.
 """
@@ -27,6 +27,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,9 @@ from google.protobuf.message import DecodeError, Message
 from fedtune.fedserver.config import ServerConfig
 from fedtune.fedserver.coordinator import Coordinator, HeartbeatAnswer, PollAnswer, PollKind
 from fedtune.fedserver.security import TlsFiles, hash_token
-from fedtune.fedserver.store import RunStore
+from fedtune.fedserver.store import PayloadFile, RunStore
 from fedtune.protos import fedtune_pb2 as pb
+from fedtune.protos.convert import profile_from_proto
 from fedtune.protos.limits import status_details
 from fedtune.protos.payload import (
     AUTH_METADATA_KEY,
@@ -46,12 +48,17 @@ from fedtune.protos.payload import (
     PayloadReader,
     echo,
     instruction_messages,
+    payload_tensors,
     update_from_stream,
 )
-from fedtune.strategies.api import DeviceProfile, Refusal, Refused
+from fedtune.protos.wire import serializer
+from fedtune.strategies.api import Refusal, Refused
 
 log = logging.getLogger(__name__)
 SERVICE = "fedtune.v1.Federation"
+PAYLOAD_THREADS = 4
+OFFLOAD_BYTES = 256 << 10  # a data chunk at least this large is hashed and written off the event loop
+INSTRUCTION_BYTES = serializer(pb.InstructionMessage)
 STATUS_CODES: dict[Refusal, grpc.StatusCode] = {
     Refusal.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     Refusal.NOT_REGISTERED: grpc.StatusCode.NOT_FOUND,
@@ -68,6 +75,7 @@ STATUS_CODES: dict[Refusal, grpc.StatusCode] = {
     Refusal.BUFFER_FULL: grpc.StatusCode.ABORTED,
     Refusal.DUPLICATE: grpc.StatusCode.ALREADY_EXISTS,
     Refusal.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Refusal.DEVICE_TOO_SMALL: grpc.StatusCode.FAILED_PRECONDITION,
 }
 PULL_KINDS = {PollKind.INSTRUCTION: pb.PullStatus.INSTRUCTION, PollKind.WAIT: pb.PullStatus.WAIT,
               PollKind.DONE: pb.PullStatus.DONE}
@@ -91,6 +99,13 @@ def _lenient(message_type: type[Message]) -> Callable[[bytes], Any]:
         except DecodeError as error:
             return Malformed(message_type, error)
     return parse
+
+
+def _lenient_sized(message_type: type[Message]) -> Callable[[bytes], tuple[Any, int]]:
+    """`_lenient`, with the message's size on the wire: measured here, because upb's ByteSize()
+    re-encodes the message (~0.7 ms for a 2 MiB chunk, on the event loop)."""
+    parse = _lenient(message_type)
+    return lambda raw: (parse(raw), len(raw))
 
 
 def _parsed(request: Any) -> Any:
@@ -142,7 +157,7 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
 
 async def _next_message(messages: AsyncIterator[Any], idle_ms: int) -> Any | None:
     """The stream's next message, or None at its end; DEADLINE_EXCEEDED when the client sends nothing
-    for `idle_ms`, so a stalled upload cannot hold its preallocated tensors forever."""
+    for `idle_ms`, so a stalled upload cannot hold its payload file (and its slot) forever."""
     try:
         return await asyncio.wait_for(anext(messages), idle_ms / 1000)
     except StopAsyncIteration:
@@ -185,6 +200,12 @@ class FederationService:
         self.limits = config.limits
         self._open_uploads: Counter[str] = Counter()  # client id -> its PushUpdate streams now open
         self._run_spec_json = config.run_spec().model_dump_json()  # resolved once: every Register sends it
+        # Hashing and writing a large chunk releases the GIL: on these threads it overlaps the event
+        # loop receiving the next chunk (and other clients' calls).
+        self._payload_threads = ThreadPoolExecutor(max_workers=PAYLOAD_THREADS, thread_name_prefix="payload")
+
+    def close(self) -> None:
+        self._payload_threads.shutdown(wait=True)
 
     def handler(self) -> grpc.GenericRpcHandler:
         def unary(function, request_type, reply_type):
@@ -196,10 +217,9 @@ class FederationService:
             "Heartbeat": unary(self.heartbeat, pb.HeartbeatRequest, pb.HeartbeatReply),
             "Leave": unary(self.leave, pb.LeaveRequest, pb.LeaveReply),
             "PullInstruction": grpc.unary_stream_rpc_method_handler(
-                self.pull_instruction, request_deserializer=_lenient(pb.PullRequest),
-                response_serializer=pb.InstructionMessage.SerializeToString),
+                self.pull_instruction, request_deserializer=_lenient(pb.PullRequest)),  # it yields bytes
             "PushUpdate": grpc.stream_unary_rpc_method_handler(
-                self.push_update, request_deserializer=_lenient(pb.UpdateMessage),
+                self.push_update, request_deserializer=_lenient_sized(pb.UpdateMessage),
                 response_serializer=pb.PushReply.SerializeToString),
         })
 
@@ -222,9 +242,7 @@ class FederationService:
                           f"RegisterRequest.protocol_version: {request.protocol_version} is not supported; this "
                           f"server speaks {PROTOCOL_VERSION}")
         try:
-            profile = DeviceProfile(memory_mb=max(request.profile.memory_mb, 0),
-                                    compute_class=request.profile.compute_class or "cpu",
-                                    codecs=tuple(request.profile.codecs) or ("none",))
+            profile = profile_from_proto(request.profile)
         except ValueError as error:
             raise Refused(Refusal.MALFORMED, f"RegisterRequest.profile: {error}") from error
         client_id = await self.coordinator.register(token_hash, request.name, profile)
@@ -249,50 +267,81 @@ class FederationService:
         return pb.LeaveReply()
 
     @_streaming
-    async def pull_instruction(self, request, context) -> AsyncIterator[pb.InstructionMessage]:
+    async def pull_instruction(self, request, context) -> AsyncIterator[bytes]:
+        """The poll's answer, then the instruction's payload stream; each message is yielded encoded
+        (by `INSTRUCTION_BYTES`), so its wire size is counted without encoding it twice."""
         client_id = await self._client(context)
         request = _parsed(request)
         wait_s = max(request.wait_ms, 0) / 1000
         answer = await self.coordinator.pull(client_id, wait_s)
-        yield pb.InstructionMessage(status=pull_status(answer))
+        yield INSTRUCTION_BYTES(pb.InstructionMessage(status=pull_status(answer)))
         if answer.instruction is None:
             return
         wire_bytes = 0
         for message in instruction_messages(answer.instruction, self.limits.chunk_bytes):
-            wire_bytes += message.ByteSize()
-            yield message
+            encoded = INSTRUCTION_BYTES(message)
+            wire_bytes += len(encoded)
+            yield encoded
         await self.coordinator.instruction_sent(client_id, answer.instruction, wire_bytes)
 
     @_unary
     async def push_update(self, request_iterator, context) -> pb.PushReply:
         client_id = await self._client(context)
+        store = self.coordinator.store
         with self._upload_slot(client_id):
-            reader = PayloadReader("ClientUpdate", self.limits, self.limits.max_update_bytes)
+            reader = PayloadReader("ClientUpdate", self.limits, self.limits.max_update_bytes,
+                                   sink=lambda header: store.new_payload(header.round, client_id))
             try:
                 return await self._receive_update(client_id, aiter(request_iterator), reader)
             finally:
-                reader.release()
+                if isinstance(reader.sink, PayloadFile) and not reader.sink.handed_over:
+                    store.discard_payload(reader.sink)
 
     async def _receive_update(self, client_id: str, messages: AsyncIterator[Any],
                               reader: PayloadReader) -> pb.PushReply:
+        """Receive the stream into the update's payload file (a large chunk is hashed and written on a
+        payload thread while the next one arrives), sync the file, then have the coordinator decide."""
         started = time.perf_counter()
         wire_bytes = 0
-        while (message := await _next_message(messages, self.limits.upload_idle_ms)) is not None:
-            message = _parsed(message)
-            wire_bytes += message.ByteSize()
-            if reader.header is None and message.WhichOneof("part") == "header":
-                self._check_header(client_id, message.header)  # before the reader allocates the tensors
-            reader.feed(message)
+        loop = asyncio.get_running_loop()
+        feeding: asyncio.Future[None] | None = None  # the previous chunk, still being hashed and written
+        try:
+            while (received := await _next_message(messages, self.limits.upload_idle_ms)) is not None:
+                message, size = received
+                message = _parsed(message)
+                wire_bytes += size
+                part = message.WhichOneof("part")
+                if reader.header is None and part == "header":
+                    self._check_header(client_id, message.header)  # before the reader opens the payload file
+                if feeding is not None:
+                    await feeding
+                    feeding = None
+                if part == "data" and size >= OFFLOAD_BYTES:
+                    feeding = loop.run_in_executor(self._payload_threads, reader.feed, message)
+                else:
+                    reader.feed(message)
+            if feeding is not None:
+                await feeding
+                feeding = None
+        finally:
+            if feeding is not None:  # the stream failed: let the chunk in flight finish before the file goes
+                await asyncio.wait([feeding])
         if reader.header is None:
             raise Refused(Refusal.MALFORMED, "PushUpdate: empty stream (no header)")
-        update = update_from_stream(reader)
-        await self.coordinator.submit(client_id, update, wire_bytes, received_s=time.perf_counter() - started)
+        reader.check_complete()
+        payload = reader.sink
+        assert isinstance(payload, PayloadFile) and reader.digest is not None
+        await loop.run_in_executor(self._payload_threads, payload.sync, reader.digest)
+        update = update_from_stream(reader, payload_tensors("ClientUpdate", reader.header.tensors, payload.map()))
+        payload.handed_over = True  # from here on the coordinator keeps or removes it
+        await self.coordinator.submit(client_id, update, wire_bytes, received_s=time.perf_counter() - started,
+                                      payload=payload)
         return pb.PushReply(round=update.round, payload_bytes=reader.received)
 
     @contextlib.contextmanager
     def _upload_slot(self, client_id: str) -> Iterator[None]:
         """Hold one of the client's max_uploads_per_client upload slots for a PushUpdate stream: each
-        open stream may pin up to max_update_bytes of preallocated tensors. Released however it ends."""
+        open stream may fill up to max_update_bytes of disk until it ends. Released however it ends."""
         limit = self.limits.max_uploads_per_client
         if self._open_uploads[client_id] >= limit:
             raise PayloadError(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -350,7 +399,8 @@ async def serve(config: ServerConfig, store: RunStore, resume: bool, announce: C
     coordinator = Coordinator(config, store)
     await coordinator.prepare(resume)
     server = grpc.aio.server(options=server_options(config))
-    server.add_generic_rpc_handlers((FederationService(coordinator, config).handler(),))
+    service = FederationService(coordinator, config)
+    server.add_generic_rpc_handlers((service.handler(),))
     address = f"{config.server.host}:{config.server.port}"
     if config.server.insecure:
         port = server.add_insecure_port(address)
@@ -382,3 +432,4 @@ async def serve(config: ServerConfig, store: RunStore, resume: bool, announce: C
     finally:
         await observability.stop()
         await server.stop(grace=1.0)
+        service.close()

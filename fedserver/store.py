@@ -1,30 +1,44 @@
-"""Run state in SQLite (`<run_dir>/state.sqlite`): tokens, clients, rounds, strategy state, accepted updates.
+"""Run state: SQLite (`<run_dir>/state.sqlite`) for tokens, clients, rounds and the accepted updates'
+metadata; each accepted update's payload in a file of its own (`<run_dir>/updates/`), and the strategy
+state after the last completed round in `<run_dir>/state/` (SQLite holds its name and SHA-256).
 
 Everything the server needs to continue after a crash is here, written before the client hears
-OK: an accepted update is committed before PushUpdate returns, and a round's new strategy state
-replaces its updates in one transaction. WAL mode lets `fedserver status` read while the server
-writes. Tensors are stored as raw little-endian bytes, one row per tensor, straight from tensor
-memory (no serialised copy of a whole update).
+OK. An update's payload (its tensors' wire bytes, exactly as the payload stream carried them) is
+appended to its file as the chunks arrive, and the file and its directory are fsync'd; only then is
+its metadata (header, size, SHA-256) committed to SQLite, and only then does PushUpdate return.
+A payload file without a metadata row (the server died between the two, or the upload was refused)
+is an orphan: never loaded, removed at start-up and when a round commits. A round's new strategy
+state replaces its updates' rows in one transaction; their files go right after. Keeping payloads
+out of SQLite means a large update is written once, straight from the received chunks, rather than
+copied through SQLite's WAL, and that accepted updates can be mapped back from their files instead
+of held in memory. The strategy state goes the same way: torch.save straight into a file, synced
+before the commit that makes it the run's state. WAL mode lets `fedserver status` read while the
+server writes.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
+import os
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 
 from fedtune.protos import fedtune_pb2 as pb
-from fedtune.protos.convert import DTYPES
-from fedtune.protos.payload import header_tensor, tensor_bytes
+from fedtune.protos.payload import header_tensor, payload_tensors, tensor_bytes
 from fedtune.strategies.api import ClientUpdate, DeviceProfile
+
+PAYLOAD_DIR = "updates"
+PAYLOAD_SUFFIX = ".payload"
+STATE_DIR = "state"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -38,15 +52,98 @@ CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, status TEXT NOT NULL, available TEXT NOT NULL, selected TEXT NOT NULL,
     started REAL NOT NULL, deadline REAL NOT NULL, finished REAL, bytes_down INTEGER NOT NULL DEFAULT 0,
     metrics TEXT);
-CREATE TABLE IF NOT EXISTS strategy_state (round INTEGER PRIMARY KEY, state BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS updates (
+CREATE TABLE IF NOT EXISTS strategy_states (round INTEGER PRIMARY KEY, file TEXT NOT NULL, sha256 TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS accepted_updates (
     round INTEGER NOT NULL, client_id TEXT NOT NULL, seq INTEGER NOT NULL, header BLOB NOT NULL,
-    wire_bytes INTEGER NOT NULL, PRIMARY KEY (round, client_id));
+    wire_bytes INTEGER NOT NULL, payload TEXT NOT NULL, payload_bytes INTEGER NOT NULL, sha256 TEXT NOT NULL,
+    PRIMARY KEY (round, client_id));
 CREATE TABLE IF NOT EXISTS handouts (client_id TEXT PRIMARY KEY, round INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS update_tensors (
-    round INTEGER NOT NULL, client_id TEXT NOT NULL, idx INTEGER NOT NULL, data BLOB NOT NULL,
-    PRIMARY KEY (round, client_id, idx));
 """
+
+
+class CorruptPayload(RuntimeError):
+    """A stored file (an update's payload, the strategy state) that no longer holds the bytes committed
+    (it is missing, or its size or SHA-256 differs)."""
+
+
+class _HashingWriter:
+    """A file that hashes what torch.save writes into it, so a saved state need not be read back."""
+
+    def __init__(self, file: Any):
+        self.file = file
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.sha256.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a file's creation (its directory entry) durable, not only its contents."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PayloadFile:
+    """One update's payload bytes in a file of its own, appended as they arrive (straight from the
+    received chunks, no reassembly in memory); `sync` makes them durable. One writer at a time."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.size = 0
+        self.sha256 = ""  # hex, set by `sync`: the digest the payload stream's trailer carried
+        self.handed_over = False  # the receiver passed it on to be accepted (and removed if it is not)
+        self._file = open(path, "xb")
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        self._file.write(chunk)
+        self.size += len(chunk)
+
+    def sync(self, sha256: bytes) -> None:
+        """fsync the file and its directory: after this, the payload survives a crash of the host."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        _fsync_directory(self.path.parent)
+        self.sha256 = sha256.hex()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def map(self) -> torch.Tensor:
+        return _mapped(self.path, self.size)
+
+
+def _mapped(path: Path, size: int) -> torch.Tensor:
+    """A payload file's bytes (uint8) mapped copy-on-write: tensors over them are read from the page
+    cache on use (the server's heap never holds the update), a strategy writing into one changes its
+    own copy of the page, never the file, and no file descriptor stays open per update."""
+    if size == 0:
+        return torch.empty(0, dtype=torch.uint8)  # an empty file cannot be mapped
+    return torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+
+
+@dataclass(frozen=True)
+class StoredUpdate:
+    """An accepted update's metadata row; its tensors are in `payload` (under the store's payload dir)."""
+
+    round: int
+    client_id: str
+    header: bytes
+    wire_bytes: int
+    payload: str
+    payload_bytes: int
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -75,10 +172,14 @@ class RoundRecord:
 
 
 class RunStore:
-    """One SQLite connection; the server uses it from a single thread (the engine thread)."""
+    """One SQLite connection; the server uses it from a single thread (the engine thread). Payload
+    files are created and written on other threads (`new_payload`), never through SQLite."""
 
     def __init__(self, path: Path, readonly: bool = False):
         self.path = path
+        self.payload_dir = path.parent / PAYLOAD_DIR
+        self.state_dir = path.parent / STATE_DIR
+        self._writing: set[str] = set()  # payload files being received or awaiting their commit: not orphans
         if readonly:
             self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
         else:
@@ -179,49 +280,137 @@ class RunStore:
 
     def complete_round(self, round: int, state: dict[str, Any], metrics: dict[str, Any],
                        participants: Sequence[str]) -> None:
-        """One transaction: the new strategy state replaces the round's accepted updates."""
-        blob = io.BytesIO()
-        torch.save(state, blob)
-        with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO strategy_state (round, state) VALUES (?, ?)", (round, blob.getbuffer()))
-            db.execute("DELETE FROM strategy_state WHERE round < ?", (round,))
-            db.execute("UPDATE rounds SET status = 'done', finished = ?, metrics = ? WHERE round = ?",
-                       (time.time(), json.dumps(metrics), round))
-            db.executemany("UPDATE clients SET rounds_done = rounds_done + 1 WHERE client_id = ?",
-                           [(cid,) for cid in participants])
-            db.execute("DELETE FROM update_tensors WHERE round <= ?", (round,))
-            db.execute("DELETE FROM updates WHERE round <= ?", (round,))
+        """One transaction: the new strategy state (already in its synced file) replaces the round's
+        accepted updates; then the files no row refers to any more (the older state, the round's
+        payloads, orphans of this round or an earlier one) are removed."""
+        state_file, digest = self._save_state(round, state)
+        try:
+            with self.transaction() as db:
+                db.execute("INSERT OR REPLACE INTO strategy_states (round, file, sha256) VALUES (?, ?, ?)",
+                           (round, state_file, digest))
+                db.execute("DELETE FROM strategy_states WHERE round < ?", (round,))
+                db.execute("UPDATE rounds SET status = 'done', finished = ?, metrics = ? WHERE round = ?",
+                           (time.time(), json.dumps(metrics), round))
+                db.executemany("UPDATE clients SET rounds_done = rounds_done + 1 WHERE client_id = ?",
+                               [(cid,) for cid in participants])
+                db.execute("DELETE FROM accepted_updates WHERE round <= ?", (round,))
+        finally:
+            self._remove_unreferenced_states()
+        self.remove_orphan_payloads(up_to_round=round)
 
     def save_initial_state(self, state: dict[str, Any]) -> None:
-        blob = io.BytesIO()
-        torch.save(state, blob)
-        with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO strategy_state (round, state) VALUES (0, ?)", (blob.getbuffer(),))
+        state_file, digest = self._save_state(0, state)
+        try:
+            with self.transaction() as db:
+                db.execute("INSERT OR REPLACE INTO strategy_states (round, file, sha256) VALUES (0, ?, ?)",
+                           (state_file, digest))
+        finally:
+            self._remove_unreferenced_states()
 
     def latest_state(self) -> tuple[int, dict[str, Any]]:
-        """(last completed round, the strategy state after it); round 0 is the initial state."""
-        row = self.db.execute("SELECT round, state FROM strategy_state ORDER BY round DESC LIMIT 1").fetchone()
+        """(last completed round, the strategy state after it); round 0 is the initial state.
+        CorruptPayload if its file is missing or not what was committed: the run cannot resume from it."""
+        row = self.db.execute("SELECT round, file, sha256 FROM strategy_states ORDER BY round DESC LIMIT 1").fetchone()
         if row is None:
             raise LookupError(f"{self.path}: no strategy state saved yet")
-        return row[0], torch.load(io.BytesIO(row[1]), weights_only=True)
+        round, name, expected = row
+        path = self.state_dir / name
+        try:
+            with path.open("rb") as file:
+                digest = hashlib.file_digest(file, "sha256").hexdigest()
+        except FileNotFoundError:
+            raise CorruptPayload(f"strategy state file {path} (after round {round}) is missing") from None
+        if digest != expected:
+            raise CorruptPayload(f"strategy state file {path} (after round {round}): its SHA-256 is {digest}, the "
+                                 f"committed state's was {expected} (the file was damaged on disk)")
+        return round, torch.load(path, weights_only=True)
+
+    def _save_state(self, round: int, state: dict[str, Any]) -> tuple[str, str]:
+        """torch.save straight into a new file (no serialised copy in memory, none through SQLite: for a
+        full-model strategy that was three times the state at the end of every round), fsync'd with its
+        directory; returns its name and SHA-256."""
+        if not self.state_dir.is_dir():
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            _fsync_directory(self.state_dir.parent)
+        name = f"round-{round:06d}-{uuid.uuid4().hex[:12]}.pt"
+        try:
+            with (self.state_dir / name).open("xb") as file:
+                writer = _HashingWriter(file)
+                torch.save(state, cast(IO[bytes], writer))  # torch.save needs only `write`
+                file.flush()
+                os.fsync(file.fileno())
+            _fsync_directory(self.state_dir)
+        except BaseException:
+            (self.state_dir / name).unlink(missing_ok=True)
+            raise
+        return name, writer.sha256.hexdigest()
+
+    def _remove_unreferenced_states(self) -> None:
+        """State files no row refers to: replaced by a newer state, or left by a commit that never happened."""
+        kept = {name for (name,) in self.db.execute("SELECT file FROM strategy_states")}
+        for path in self.state_dir.glob("round-*.pt"):
+            if path.name not in kept:
+                path.unlink(missing_ok=True)
 
     # -- accepted updates of the round in progress ------------------------------------------
 
-    def save_update(self, update: ClientUpdate, wire_bytes: int) -> None:
+    def new_payload(self, round: int, client_id: str) -> PayloadFile:
+        """A new file for the payload of `client_id`'s update for `round` (any thread). Its name starts
+        with the round, so a committed round's orphans are recognised; it is never another's file."""
+        if not self.payload_dir.is_dir():
+            self.payload_dir.mkdir(parents=True, exist_ok=True)
+            _fsync_directory(self.payload_dir.parent)
+        name = f"{round:06d}-{client_id}-{uuid.uuid4().hex[:12]}{PAYLOAD_SUFFIX}"
+        self._writing.add(name)
+        try:
+            return PayloadFile(self.payload_dir / name)
+        except BaseException:
+            self._writing.discard(name)
+            raise
+
+    def discard_payload(self, payload: PayloadFile) -> None:
+        """Remove the payload file of an upload that was not accepted (any thread)."""
+        payload.close()
+        payload.path.unlink(missing_ok=True)
+        self._writing.discard(payload.name)
+
+    def save_update(self, update: ClientUpdate, wire_bytes: int, payload: PayloadFile | None = None) -> None:
+        """Commit an accepted update. `payload`: its bytes, already received into a file and synced
+        (gRPC); without it (an update built in this process) they are written and synced here."""
+        if payload is None:
+            payload = self._write_payload(update)
         header = pb.ClientUpdate(
             client_id=update.client_id, round=update.round, num_examples=update.num_examples,
             tensors=[header_tensor(name, tensor) for name, tensor in update.tensors.items()],
             metrics=dict(update.metrics),
         )
-        with self.transaction() as db:
-            seq = db.execute("SELECT COUNT(*) FROM updates").fetchone()[0]  # all of the open round's
-            db.execute("INSERT INTO updates (round, client_id, seq, header, wire_bytes) VALUES (?, ?, ?, ?, ?)",
-                       (update.round, update.client_id, seq, header.SerializeToString(), wire_bytes))
-            db.executemany(
-                "INSERT INTO update_tensors (round, client_id, idx, data) VALUES (?, ?, ?, ?)",
-                ((update.round, update.client_id, index, tensor_bytes(tensor))
-                 for index, tensor in enumerate(update.tensors.values())),
-            )
+        assert payload.sha256, "a payload is committed only once synced"
+        try:
+            with self.transaction() as db:
+                seq = db.execute("SELECT COUNT(*) FROM accepted_updates").fetchone()[0]  # all of the open round's
+                db.execute(
+                    "INSERT INTO accepted_updates (round, client_id, seq, header, wire_bytes, payload, payload_bytes, "
+                    "sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (update.round, update.client_id, seq, header.SerializeToString(), wire_bytes, payload.name,
+                     payload.size, payload.sha256))
+        except BaseException:
+            self.discard_payload(payload)
+            raise
+        self._writing.discard(payload.name)
+
+    def _write_payload(self, update: ClientUpdate) -> PayloadFile:
+        payload = self.new_payload(update.round, update.client_id)
+        hasher = hashlib.sha256()
+        try:
+            for tensor in update.tensors.values():
+                data = tensor_bytes(tensor)
+                hasher.update(data)
+                payload.write(data)
+            payload.sync(hasher.digest())
+        except BaseException:
+            self.discard_payload(payload)
+            raise
+        return payload
 
     def save_handout(self, client_id: str, round: int) -> None:
         """Asynchronous mode: `client_id` holds work for `round` (replacing any earlier handout)."""
@@ -233,24 +422,64 @@ class RunStore:
         return dict(self.db.execute("SELECT client_id, round FROM handouts"))
 
     def accepted_count(self, round: int) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM updates WHERE round <= ?", (round,)).fetchone()[0]
+        return self.db.execute("SELECT COUNT(*) FROM accepted_updates WHERE round <= ?", (round,)).fetchone()[0]
+
+    def stored_updates(self, round: int) -> list[StoredUpdate]:
+        """The accepted updates of the open round `round` in acceptance order (in asynchronous mode some
+        were computed for earlier rounds, and are stored under those)."""
+        rows = self.db.execute(
+            "SELECT round, client_id, header, wire_bytes, payload, payload_bytes, sha256 FROM accepted_updates "
+            "WHERE round <= ? ORDER BY seq", (round,)).fetchall()
+        return [StoredUpdate(*row) for row in rows]
+
+    def load_update(self, stored: StoredUpdate) -> ClientUpdate:
+        """A stored update, its tensors mapped from its payload file; CorruptPayload if the file is
+        missing, or its size or SHA-256 is not what was accepted."""
+        path = self.payload_dir / stored.payload
+        what = f"payload file {path} (the update of {stored.client_id!r} for round {stored.round})"
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise CorruptPayload(f"{what} is missing") from None
+        if size != stored.payload_bytes:
+            raise CorruptPayload(f"{what} holds {size} bytes, {stored.payload_bytes} were accepted (truncated or "
+                                 "overwritten)")
+        data = _mapped(path, size)
+        digest = hashlib.sha256(data.numpy().data).hexdigest()
+        if digest != stored.sha256:
+            raise CorruptPayload(f"{what}: its SHA-256 is {digest}, the accepted update's was {stored.sha256} (the "
+                                 "file was damaged on disk)")
+        header = pb.ClientUpdate.FromString(stored.header)
+        return ClientUpdate(client_id=header.client_id, round=header.round, num_examples=header.num_examples,
+                            tensors=payload_tensors("stored ClientUpdate", header.tensors, data),
+                            metrics=dict(header.metrics))
+
+    def drop_update(self, stored: StoredUpdate) -> None:
+        """Forget a stored update that can no longer be used (its file damaged, or the strategy now refuses
+        it), so that its client's next upload for the round can be committed in its place."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM accepted_updates WHERE round = ? AND client_id = ?",
+                       (stored.round, stored.client_id))
+        (self.payload_dir / stored.payload).unlink(missing_ok=True)
 
     def load_updates(self, round: int) -> list[tuple[ClientUpdate, int]]:
-        """The accepted updates of the open round `round` in acceptance order, with their wire sizes (in
-        asynchronous mode some were computed for earlier rounds, and are stored under those)."""
-        loaded = []
-        for client_id, header_bytes, wire_bytes in self.db.execute(
-            "SELECT client_id, header, wire_bytes FROM updates WHERE round <= ? ORDER BY seq", (round,)
-        ).fetchall():
-            header = pb.ClientUpdate.FromString(header_bytes)
-            tensors = {}
-            rows = self.db.execute("SELECT data FROM update_tensors WHERE round = ? AND client_id = ? "
-                                   "ORDER BY idx", (header.round, client_id))
-            for (data,), spec in zip(rows, header.tensors, strict=True):
-                tensor = torch.empty(tuple(spec.shape), dtype=DTYPES[spec.dtype])
-                tensor.reshape(-1).view(torch.uint8).numpy()[:] = memoryview(data)
-                tensors[spec.name] = tensor
-            update = ClientUpdate(client_id=header.client_id, round=header.round, num_examples=header.num_examples,
-                                  tensors=tensors, metrics=dict(header.metrics))
-            loaded.append((update, wire_bytes))
-        return loaded
+        """`stored_updates` loaded, with their wire sizes; CorruptPayload at the first damaged one."""
+        return [(self.load_update(stored), stored.wire_bytes) for stored in self.stored_updates(round)]
+
+    def remove_orphan_payloads(self, up_to_round: int | None = None) -> list[str]:
+        """Remove payload files no metadata row refers to and no upload is writing (of rounds up to
+        `up_to_round`, or of any round); returns their names. At start-up that is every file left by
+        an upload the server did not live to commit."""
+        if not self.payload_dir.is_dir():
+            return []
+        kept = {name for (name,) in self.db.execute("SELECT payload FROM accepted_updates")}
+        removed = []
+        for path in self.payload_dir.iterdir():
+            name = path.name
+            prefix = name.split("-", 1)[0]
+            if not (name.endswith(PAYLOAD_SUFFIX) and prefix.isdigit()) or name in kept or name in self._writing:
+                continue
+            if up_to_round is None or int(prefix) <= up_to_round:
+                path.unlink(missing_ok=True)
+                removed.append(name)
+        return removed

@@ -1,17 +1,19 @@
 """Payload streams: an Instruction or ClientUpdate as header + raw data chunks + SHA-256.
 
 The layout is specified in fedtune.proto ("Payload streams"). Both ends share this module: the
-sender streams straight from tensor memory and the receiver writes chunks straight into
-preallocated tensors, so neither side ever holds a second copy of the payload (the server's peak
-memory stays near one update, whatever its size).
+sender streams straight from tensor memory; the receiver writes chunks either straight into
+preallocated tensors (the client) or into a sink (the server: the update's payload file, whose
+tensors are then mapped back with `payload_tensors`), so neither side ever holds a second copy of
+the payload.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -131,17 +133,28 @@ def _check_name(name: str, field: str, limits: Limits) -> None:
                            f"max_name_bytes={limits.max_name_bytes}")
 
 
+class PayloadSink(Protocol):
+    """Where a reader puts the payload's bytes instead of tensors (e.g. a file)."""
+
+    def write(self, chunk: bytes | memoryview) -> None: ...
+
+
 class PayloadReader:
-    """Reassembles one payload stream into tensors, checking order, sizes, limits and the digest.
+    """Reassembles one payload stream, checking order, sizes, limits and the digest.
 
     Feed it the stream's messages in order; `header` is available as soon as the first one is in,
-    so the caller can refuse an update (wrong round, duplicate) before any data arrives.
+    so the caller can refuse an update (wrong round, duplicate) before any data arrives. The bytes
+    go into tensors preallocated from the header, or, given `sink` (called with the header once it
+    passed the limits), into the sink it returns; `tensors()` is then the caller's to map back.
     """
 
-    def __init__(self, what: str, limits: Limits, max_payload_bytes: int):
+    def __init__(self, what: str, limits: Limits, max_payload_bytes: int,
+                 sink: Callable[[Any], PayloadSink] | None = None):
         self.what = what  # "ClientUpdate" or "Instruction", for error messages
         self.limits = limits
         self.max_payload_bytes = max_payload_bytes
+        self._open_sink = sink
+        self.sink: PayloadSink | None = None
         self.header: Any = None
         self.total = 0
         self.received = 0
@@ -172,14 +185,19 @@ class PayloadReader:
     def complete(self) -> bool:
         return self.digest is not None
 
-    def tensors(self) -> TensorMap:
-        """The reassembled tensors; DATA_LOSS if the stream ended before its sha256 trailer."""
+    def check_complete(self) -> None:
+        """DATA_LOSS if the stream ended before its sha256 trailer."""
         if not self.complete:
             raise PayloadError(
                 grpc.StatusCode.DATA_LOSS,
                 f"{self.what} stream truncated: it ended after {self.received} of {self.total} payload bytes "
                 "without the sha256 trailer" if self.header is not None else f"{self.what} stream: empty",
             )
+
+    def tensors(self) -> TensorMap:
+        """The reassembled tensors (none when a sink took the bytes); DATA_LOSS if the stream ended
+        before its sha256 trailer."""
+        self.check_complete()
         return self._tensors
 
     def _open(self, header: Any) -> None:
@@ -215,10 +233,13 @@ class PayloadReader:
                                    f"{where}: payload of at least {total} bytes is over the limit "
                                    f"max_update_bytes={self.max_payload_bytes}")
             seen.add(tensor.name)
-        for tensor in tensors:
-            allocated = torch.empty(tuple(tensor.shape), dtype=DTYPES[tensor.dtype])
-            self._tensors[tensor.name] = allocated
-            self._slots.append((tensor.name, allocated.reshape(-1).view(torch.uint8).numpy()))
+        if self._open_sink is not None:
+            self.sink = self._open_sink(header)
+        else:
+            for tensor in tensors:
+                allocated = torch.empty(tuple(tensor.shape), dtype=DTYPES[tensor.dtype])
+                self._tensors[tensor.name] = allocated
+                self._slots.append((tensor.name, allocated.reshape(-1).view(torch.uint8).numpy()))
         self.header = header
         self.total = total
         self._slot = 0
@@ -243,12 +264,6 @@ class PayloadReader:
                                    f"is over the limit max_update_bytes={self.max_payload_bytes}")
         return 0 if 0 in shape else span
 
-    def release(self) -> None:
-        """Drop the preallocated tensors, so an abandoned stream's memory is freed as soon as it ends
-        (the caller's frames and a logged exception's traceback may still reference the reader)."""
-        self._tensors = {}
-        self._slots = []
-
     def _add(self, chunk: bytes) -> None:
         if len(chunk) > self.limits.chunk_bytes:
             raise PayloadError(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -259,6 +274,10 @@ class PayloadReader:
                                f"{self.what} stream data: {self.received + len(chunk)} bytes, more than the "
                                f"{self.total} the header's tensors hold")
         self._hasher.update(chunk)
+        self.received += len(chunk)
+        if self.sink is not None:
+            self.sink.write(chunk)
+            return
         source = np.frombuffer(chunk, dtype=np.uint8)
         while source.size:
             _, target = self._slots[self._slot]
@@ -270,7 +289,6 @@ class PayloadReader:
             target[self._offset : self._offset + take] = source[:take]
             self._offset += take
             source = source[take:]
-        self.received += len(chunk)
 
     def _close(self, digest: bytes) -> None:
         if self.received != self.total:
@@ -281,19 +299,46 @@ class PayloadReader:
             raise PayloadError(grpc.StatusCode.DATA_LOSS,
                                f"{self.what} stream sha256: the payload's digest {self._hasher.hexdigest()} does "
                                f"not match the trailer's {digest.hex() or '(empty)'}")
-        for name, tensor in self._tensors.items():
-            if tensor.dtype == torch.bool and bool((tensor.view(torch.uint8) > 1).any()):
-                raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"{self.what}.tensors[{name!r}]: bool bytes must be 0 or 1")
+        _check_bools(self.what, self._tensors)
         self.digest = digest
 
 
-def update_from_stream(reader: PayloadReader) -> ClientUpdate:
-    """The ClientUpdate a completed reader holds; INVALID_ARGUMENT naming the field if it is not valid."""
+def _check_bools(what: str, tensors: TensorMap) -> None:
+    for name, tensor in tensors.items():
+        if tensor.dtype == torch.bool and bool((tensor.view(torch.uint8) > 1).any()):
+            raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}.tensors[{name!r}]: bool bytes must be 0 or 1")
+
+
+def payload_tensors(what: str, specs: Iterable[pb.Tensor], data: torch.Tensor) -> TensorMap:
+    """The tensors a payload's bytes `data` (1-D uint8, e.g. a mapped payload file) hold back to back in
+    header order: views of `data` where a tensor's offset suits its dtype, else copies. A size that
+    does not add up is DATA_LOSS; bool bytes other than 0/1 are INVALID_ARGUMENT, as on the wire."""
+    specs = list(specs)
+    sizes = [math.prod(spec.shape) * DTYPES[spec.dtype].itemsize for spec in specs]
+    if sum(sizes) != data.numel():
+        raise PayloadError(grpc.StatusCode.DATA_LOSS,
+                           f"{what}: {data.numel()} payload bytes, but the header's tensors take {sum(sizes)}")
+    tensors: TensorMap = {}
+    offset = 0
+    for spec, size in zip(specs, sizes, strict=True):
+        dtype = DTYPES[spec.dtype]
+        piece = data[offset : offset + size]
+        if offset % dtype.itemsize:
+            piece = piece.clone()  # torch views a dtype only at an offset that is a multiple of its size
+        tensors[spec.name] = piece.view(dtype).reshape(tuple(spec.shape))
+        offset += size
+    _check_bools(what, tensors)
+    return tensors
+
+
+def update_from_stream(reader: PayloadReader, tensors: TensorMap | None = None) -> ClientUpdate:
+    """The ClientUpdate a completed reader holds, with `tensors` if its sink took the bytes;
+    INVALID_ARGUMENT naming the field if it is not valid."""
     header = reader.header
+    tensors = reader.tensors() if tensors is None else tensors
     try:
         return ClientUpdate(client_id=header.client_id, round=header.round, num_examples=header.num_examples,
-                            tensors=reader.tensors(), metrics=dict(header.metrics))
+                            tensors=tensors, metrics=dict(header.metrics))
     except ValidationError as error:
         fields = "; ".join(f"ClientUpdate.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT, fields) from error

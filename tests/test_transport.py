@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,10 +88,17 @@ def run_config(strategy: str, **overrides: Any) -> dict[str, Any]:
     return config
 
 
+def toml_value(value: Any) -> str:
+    """A scalar or list as JSON (which TOML reads alike), a table as an inline table."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{key} = {toml_value(item)}" for key, item in value.items()) + " }"
+    return json.dumps(value)
+
+
 def toml(config: dict[str, Any]) -> str:
     """Enough TOML for these configs: scalars and lists at the top, then one table per section."""
-    scalars = [f"{key} = {json.dumps(value)}" for key, value in config.items() if not isinstance(value, dict)]
-    tables = [f"[{key}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in value.items() if v is not None)
+    scalars = [f"{key} = {toml_value(value)}" for key, value in config.items() if not isinstance(value, dict)]
+    tables = [f"[{key}]\n" + "\n".join(f"{k} = {toml_value(v)}" for k, v in value.items() if v is not None)
               for key, value in config.items() if isinstance(value, dict)]
     return "\n".join(scalars + tables) + "\n"
 
@@ -203,11 +210,12 @@ def start_server(tmp: Path, config: dict[str, Any], server: dict[str, Any], resu
     return Server(process, run_dir, log, section["port"], tls=not section["insecure"])
 
 
-def start_client(server: Server, tmp: Path, name: str, data: Path, token: str | None) -> subprocess.Popen:
+def start_client(server: Server, tmp: Path, name: str, data: Path, token: str | None,
+                 extra: Sequence[str] = ()) -> subprocess.Popen:
     security = ["--ca", str(server.run_dir / "tls" / "ca.pem")] if server.tls else ["--insecure"]
     command = [str(BIN / "fedclient"), "join", "--server", server.address, "--data", str(data), "--name", name,
                "--state", str(tmp / f"{name}.state"), "--give-up-after", "120", "--max-backoff", "2", "--quiet",
-               *security, *(["--token", token] if token else [])]
+               *security, *(["--token", token] if token else []), *extra]
     process = subprocess.Popen(command, stdout=(tmp / f"{name}.log").open("a"), stderr=subprocess.STDOUT, env=ENV)
     _started.append(process)
     return process

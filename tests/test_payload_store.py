@@ -1,0 +1,280 @@
+"""Accepted updates' payloads in files of their own (`<run_dir>/updates/`), SQLite holding their metadata.
+
+The store alone: bytes back bit for bit, digests, orphans and the disk over many rounds. The lifecycle
+(in-process, stub strategy): a damaged payload found on resume. A real fedserver process killed between
+a payload's fsync and its metadata commit (the one injected fault: the commit replaced by SIGKILL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from fedtune.fedserver.coordinator import PollKind
+from fedtune.fedserver.store import PAYLOAD_DIR, CorruptPayload, RunStore
+from fedtune.protos import fedtune_pb2 as pb
+from fedtune.protos.payload import tensor_bytes
+from fedtune.protos.wire import serializer
+from fedtune.strategies.api import ClientUpdate
+from tests.test_lifecycle import scenario, server_config, started, stop, until, update
+from tests.test_transport import (
+    ENV,
+    Server,
+    _started,
+    free_port,
+    in_process_client,
+    init_run,
+    pull_instruction,
+    run_config,
+    toml,
+    write_partitions,
+)
+
+
+def payload_files(run_dir: Path) -> list[str]:
+    directory = run_dir / PAYLOAD_DIR
+    return sorted(path.name for path in directory.iterdir()) if directory.is_dir() else []
+
+
+def mixed_update(client_id: str, round: int) -> ClientUpdate:
+    """Dtypes of every width, back to back, so most tensors sit at offsets their dtype cannot view."""
+    generator = torch.Generator().manual_seed(round)
+    return ClientUpdate(client_id=client_id, round=round, num_examples=2, metrics={"train_loss": 0.5}, tensors={
+        "mask": torch.tensor([True, False, True]),
+        "w": torch.randn(4, 5, generator=generator),
+        "half": torch.randn(3, generator=generator).to(torch.bfloat16),
+        "empty": torch.empty(0, 7),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "big": torch.randn(1 << 16, generator=generator),
+    })
+
+
+def test_an_update_comes_back_bit_identical_from_its_file_and_sqlite_holds_only_its_digest(tmp_path: Path):
+    store = RunStore(tmp_path / "state.sqlite")
+    sent = mixed_update("a", 1)
+    store.save_update(sent, wire_bytes=123)
+    [name] = payload_files(tmp_path)
+    wire = b"".join(bytes(tensor_bytes(tensor)) for tensor in sent.tensors.values())
+    assert (tmp_path / PAYLOAD_DIR / name).read_bytes() == wire  # the payload stream's bytes, nothing else
+    [(back, wire_bytes)] = store.load_updates(1)
+    assert (wire_bytes, back.client_id, back.num_examples, back.metrics) == (123, "a", 2, {"train_loss": 0.5})
+    assert list(back.tensors) == list(sent.tensors)
+    for tensor_name, tensor in sent.tensors.items():
+        assert back.tensors[tensor_name].dtype == tensor.dtype and torch.equal(back.tensors[tensor_name], tensor)
+    back.tensors["big"].mul_(2)  # a strategy writing into an update changes its copy, never the stored payload
+    assert hashlib.sha256((tmp_path / PAYLOAD_DIR / name).read_bytes()).digest() == hashlib.sha256(wire).digest()
+    assert torch.equal(store.load_updates(1)[0][0].tensors["big"], sent.tensors["big"])
+    db = sqlite3.connect(tmp_path / "state.sqlite")
+    [(payload, size, digest)] = db.execute("SELECT payload, payload_bytes, sha256 FROM accepted_updates").fetchall()
+    assert (payload, size, digest) == (name, len(wire), hashlib.sha256(wire).hexdigest())
+    biggest = db.execute("SELECT MAX(LENGTH(header)) FROM accepted_updates").fetchone()[0]
+    assert biggest < 1024 < len(wire)  # the header only: the tensors are not in SQLite
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data[:5] + bytes([data[5] ^ 1]) + data[6:], r"its SHA-256 is [0-9a-f]{64}, the accepted update's "
+                                                              r"was [0-9a-f]{64} \(the file was damaged on disk\)"),
+    (lambda data: data[:-3], r"holds \d+ bytes, \d+ were accepted \(truncated or overwritten\)"),
+    (None, r"is missing"),
+])
+def test_a_damaged_payload_file_is_named_with_what_is_wrong_when_loaded(tmp_path: Path, damage, message):
+    store = RunStore(tmp_path / "state.sqlite")
+    store.save_update(mixed_update("a", 1), wire_bytes=1)
+    [name] = payload_files(tmp_path)
+    path = tmp_path / PAYLOAD_DIR / name
+    if damage is None:
+        path.unlink()
+    else:
+        path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(CorruptPayload, match=rf"payload file .*{name} \(the update of 'a' for round 1\)(:)? {message}"):
+        store.load_updates(1)
+
+
+def test_a_committed_round_removes_its_payloads_and_orphans_but_not_an_upload_in_progress(tmp_path: Path):
+    store = RunStore(tmp_path / "state.sqlite")
+    directory = tmp_path / PAYLOAD_DIR
+    store.save_update(mixed_update("a", 1), wire_bytes=1)
+    receiving = store.new_payload(1, "b")  # an upload still streaming in (asynchronous mode: older work)
+    receiving.write(b"partial")
+    later = store.new_payload(2, "c")
+    for orphan in ("000001-d-0123456789ab.payload", "000002-d-0123456789ab.payload"):
+        (directory / orphan).write_bytes(b"left by a refused upload")
+    (directory / "notes.txt").write_text("not the store's")
+    store.complete_round(1, {"w": torch.zeros(1)}, {}, ["a"])
+    assert payload_files(tmp_path) == sorted([receiving.name, later.name, "000002-d-0123456789ab.payload",
+                                              "notes.txt"])
+    store.discard_payload(receiving)
+    store.discard_payload(later)
+    assert store.remove_orphan_payloads() == ["000002-d-0123456789ab.payload"]  # at start-up: every round's
+    assert payload_files(tmp_path) == ["notes.txt"]
+
+
+def test_the_payload_directory_does_not_grow_over_rounds(tmp_path: Path):
+    store = RunStore(tmp_path / "state.sqlite")
+    for round in range(1, 21):
+        for client in "abc":
+            store.save_update(mixed_update(client, round), wire_bytes=1)
+        refused = store.new_payload(round, "x")  # an upload refused after it arrived (e.g. invalid)
+        refused.write(b"x" * 1000)
+        store.discard_payload(refused)
+        assert len(payload_files(tmp_path)) == 3
+        store.complete_round(round, {"w": torch.zeros(1)}, {}, ["a", "b", "c"])
+        assert payload_files(tmp_path) == [] and store.accepted_count(round) == 0
+
+
+def test_a_damaged_payload_found_on_resume_is_reported_and_its_client_asked_again(tmp_path: Path, caplog):
+    config = server_config(tmp_path, min_clients=3)
+    run_dir = config.run_dir()
+
+    async def crashed() -> None:
+        coordinator = await started(config, ["a", "b", "c"])
+        run = asyncio.create_task(coordinator.run())
+        await until(lambda: coordinator.current_round == 1, "round 1")
+        await coordinator.submit("a", update("a", 1, 2.0, 1), 10)
+        await coordinator.submit("b", update("b", 1, 4.0, 1), 10)
+        await stop(run)
+        coordinator.store.close()
+
+    async def resumed() -> None:
+        coordinator = await started(config, [], resume=True)
+        assert coordinator.open_round is not None
+        assert sorted(coordinator.open_round.state.accepted) == ["b"]
+        assert coordinator.answer("a").kind is PollKind.INSTRUCTION  # a's update is lost: a is asked for it again
+        run = asyncio.create_task(coordinator.run())
+        await coordinator.submit("a", update("a", 1, 6.0, 1), 10)
+        await coordinator.submit("c", update("c", 1, 2.0, 1), 10)
+        assert await run == "all 1 rounds completed"
+        assert torch.equal(coordinator.engine.strategy.state_dict()["w"], torch.full((2,), 4.0))
+        assert payload_files(run_dir) == []
+
+    scenario(crashed)
+    [damaged] = [name for name in payload_files(run_dir) if "-a-" in name]
+    path = run_dir / PAYLOAD_DIR / damaged
+    path.write_bytes(path.read_bytes()[:4])
+    with caplog.at_level(logging.ERROR):
+        scenario(resumed)
+    assert f"resume: stored update dropped: payload file {path} (the update of 'a' for round 1) holds 4 bytes, " \
+           "8 were accepted" in caplog.text
+
+
+KILLED_AT_COMMIT = """
+import os, signal, sys
+from fedtune.fedserver.cli import main
+from fedtune.fedserver.store import RunStore
+
+commit = RunStore.save_update
+
+
+def die_before_commit(self, update, wire_bytes, payload=None):
+    # The injected fault: the server dies after the payload's fsync, before its metadata commit.
+    if update.client_id == sys.argv[1]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return commit(self, update, wire_bytes, payload)
+
+
+RunStore.save_update = die_before_commit
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.e2e
+def test_a_server_killed_between_payload_fsync_and_commit_loses_nothing_accepted(tmp_path: Path):
+    config = run_config("fedavg_lora", rounds=1, partition={"scheme": "iid", "num_clients": 2},
+                        train={"local_steps": 1, "batch_size": 8, "learning_rate": 3e-3, "eval_batch_size": 32})
+    tokens = init_run(tmp_path / "run", 2)
+    files = write_partitions(config, tmp_path)
+    port = free_port()
+    run_dir = tmp_path / "run"
+    section = {"run_dir": str(run_dir), "port": port, "host": "127.0.0.1", "insecure": True, "min_clients": 2,
+               "heartbeat_interval_s": 1.0, "client_timeout_s": 30.0, "long_poll_s": 2.0, "linger_s": 30.0}
+    (tmp_path / "server.toml").write_text(toml({**{k: v for k, v in config.items() if k != "partition"},
+                                                "server": section}))
+
+    def start(command: list[str], resume: bool = False) -> Server:
+        log = tmp_path / f"server-{len(_started)}.log"
+        process = subprocess.Popen([*command, "start", "--config", str(tmp_path / "server.toml"),
+                                    *(["--resume"] if resume else [])],
+                                   stdout=log.open("w"), stderr=subprocess.STDOUT, env=ENV)
+        _started.append(process)
+        return Server(process, run_dir, log, port, tls=False)
+
+    server = start([sys.executable, "-c", KILLED_AT_COMMIT, "client-001"])
+    kept, victim = (in_process_client(server, tmp_path, f"client-00{i}", files[f"client-00{i}"], tokens[i])
+                    for i in range(2))
+    updates = []
+    kept.register()
+    victim.register()  # min_clients = 2: round 1 begins now
+    for client in (kept, victim):
+        instruction = pull_instruction(client, 1)
+        updates.append(ClientUpdate(client_id=client.client_id, round=1, num_examples=1, tensors={
+            name: tensor + 0.5 for name, tensor in instruction.tensors.items()}))
+    assert kept.push(updates[0])
+    pushed: list[bool] = []
+    retrying = threading.Thread(target=lambda: pushed.append(victim.push(updates[1])))  # retries through the crash
+    retrying.start()
+    assert server.process.wait(120) == -signal.SIGKILL, server.output()[-3000:]
+    files_then = payload_files(run_dir)
+    [orphan] = [name for name in files_then if "-client-001-" in name]
+    payload = sum(tensor.numel() * 4 for tensor in updates[1].tensors.values())
+    assert (run_dir / PAYLOAD_DIR / orphan).stat().st_size == payload  # fsync'd whole, but never committed
+    store = RunStore(run_dir / "state.sqlite", readonly=True)
+    assert [stored.client_id for stored in store.stored_updates(1)] == ["client-000"]
+    store.close()
+
+    server = start([str(Path(sys.executable).parent / "fedserver")], resume=True)
+    retrying.join(120)
+    assert pushed == [True]
+    assert kept.run() == "all 1 rounds completed" and victim.run() == "all 1 rounds completed"
+    assert server.wait(60) == 0, server.output()[-3000:]
+    log = server.output()
+    assert f"removed 1 payload file(s) of uploads that were never committed: ['{orphan}']" in log
+    assert "round 1 continues with 1 of 2 updates already accepted" in log
+    assert [(row["round"], row["clients"]) for row in server.metrics()] == [(0, 0), (1, 2)]
+    assert payload_files(run_dir) == []  # the round committed: its payloads went with it
+
+
+def test_loaded_updates_hold_no_file_descriptor_each(tmp_path: Path):
+    """A round of thousands of light clients must not need thousands of open files."""
+    store = RunStore(tmp_path / "state.sqlite")
+    for client in range(50):
+        store.save_update(mixed_update(f"c{client}", 1), wire_bytes=1)
+    process = psutil.Process()
+    before = process.num_fds()
+    loaded = store.load_updates(1)
+    assert len(loaded) == 50 and process.num_fds() <= before + 2
+
+
+@pytest.mark.parametrize("message_type", [pb.UpdateMessage, pb.InstructionMessage])
+def test_data_chunks_encoded_directly_are_the_bytes_protobuf_would_send(message_type):
+    encode = serializer(message_type)
+    for message in (message_type(data=bytes(range(256)) * 8192), message_type(data=b""), message_type(data=b"x" * 200),
+                    message_type(sha256=b"d" * 32), message_type(header={})):
+        assert encode(message) == message.SerializeToString()
+
+
+def test_the_strategy_state_is_a_file_of_its_own_checked_by_its_digest(tmp_path: Path):
+    store = RunStore(tmp_path / "state.sqlite")
+    store.save_initial_state({"w": torch.zeros(3)})
+    for round in (1, 2):
+        store.complete_round(round, {"w": torch.full((3,), float(round))}, {}, [])
+    [state_file] = sorted((tmp_path / "state").iterdir())  # only the latest: the older ones went with their rows
+    round, state = store.latest_state()
+    assert round == 2 and torch.equal(state["w"], torch.full((3,), 2.0))
+    db = sqlite3.connect(tmp_path / "state.sqlite")
+    assert db.execute("SELECT round, file FROM strategy_states").fetchall() == [(2, state_file.name)]
+    data = state_file.read_bytes()
+    state_file.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(CorruptPayload, match=rf"strategy state file .*{state_file.name} \(after round 2\): its "
+                                             r"SHA-256 is [0-9a-f]{64}, the committed state's was"):
+        store.latest_state()
