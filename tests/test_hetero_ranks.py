@@ -399,4 +399,5 @@ def test_the_readme_examples_give_each_class_its_shape_and_train(example: str, t
                       "flexlora_devices": {"phone": "r4_d1", "laptop": "r4", "workstation": "r8"}}[example]
     rows = run_simulation(config, tmp_path, show_progress=False)
     last = rows[-1].model_dump()
-    assert last["clients"] == 6 and last["payload_up.phone"] < last["payload_up.laptop"] < last["payload_up.workstation"]
+    assert last["clients"] == 6
+    assert last["payload_up.phone"] < last["payload_up.laptop"] < last["payload_up.workstation"]
