@@ -4,7 +4,7 @@ The ServerApp runs fedsim's own synchronous loop (`runner.run_synchronous`: the 
 the round engine, the device clock, the channel, refusals) with Flower's nodes in the place of fedsim's
 worker pool. Each SuperNode is one fedtune client, picked by its `partition-id` among the run's clients;
 its ClientApp builds the federation from the same config (the seeded model, data and partition) and runs
-that client's half with fedsim's own client loop (`workers.run_clients`). Instructions and updates travel
+that client's half with fedsim's own client loop (`workers.client_outcomes`). Instructions and updates travel
 as fedtune's protobuf messages, as bytes in a Flower ConfigRecord, so a client sees exactly what fedsim
 and gRPC deliver and the run ends with fedsim's global model.
 
@@ -46,7 +46,7 @@ from fedtune.protos.convert import instruction_from_proto, instruction_to_proto
 from fedtune.simulations.checkpoint import stored_config
 from fedtune.simulations.config import ConfigError, SimulationConfig, load_config
 from fedtune.simulations.runner import Federation, build_federation, run_synchronous
-from fedtune.simulations.workers import ClientOutcome, run_clients
+from fedtune.simulations.workers import ClientOutcome, client_outcomes, collect_outcomes
 from fedtune.strategies.api import Instruction, InvalidInstruction
 from fedtune.tasks.threads import apply_threads
 
@@ -316,7 +316,7 @@ def _client_id(federation: Federation, context: Context) -> str:
 
 
 def _local_work(message: Message, context: Context) -> Message:
-    """One client's round on this node: fedsim's `run_clients` for it alone, its state kept in the context."""
+    """One client's round on this node: fedsim's `client_outcomes` for it alone, its state kept in the context."""
     request = from_record(NodeRequest, message.content)
     federation = _federation(request.config)
     client_id = _client_id(federation, context)
@@ -332,8 +332,10 @@ def _local_work(message: Message, context: Context) -> Message:
     if request.kind == "train":
         instructions[client_id] = instruction_from_proto(pb.Instruction.FromString(request.instruction))
     try:
-        outcome = run_clients({client_id: client}, federation.workspace, federation.data.clients, request.round,
-                              instructions, eval_data=federation.eval_data).get(client_id, ClientOutcome())
+        outcomes = collect_outcomes(client_outcomes({client_id: client}, federation.workspace,
+                                                    federation.data.clients, request.round, instructions,
+                                                    eval_data=federation.eval_data))
+        outcome = outcomes.get(client_id, ClientOutcome())
     except InvalidInstruction as error:
         return Message(to_record(NodeReply(client_id=client_id, invalid=str(error))), reply_to=message)
     buffer = io.BytesIO()

@@ -30,7 +30,7 @@ from fedtune.simulations.channel import Channel
 from fedtune.simulations.checkpoint import CHECKPOINT_FILE, restore, resumable, save_checkpoint, take_checkpoint
 from fedtune.simulations.clock import DeviceClock
 from fedtune.simulations.config import ConfigError, SimulationConfig
-from fedtune.simulations.workers import ClientPool, WorkerPool, run_clients
+from fedtune.simulations.workers import ClientPool, WorkerPool, client_outcomes, collect_outcomes
 from fedtune.strategies.api import (
     ClientStrategy,
     ClientUpdate,
@@ -147,8 +147,8 @@ def work(federation: Federation, engine: RoundEngine, channel: Channel, round: i
             received[client_id] = delivered_instruction
     trained = None if on_trained is None else _counted(on_trained, round, len(received))
     if pool is None:
-        outcomes = run_clients(federation.clients, federation.workspace, federation.data.clients, round, received,
-                               eval_data=federation.eval_data, on_trained=trained)
+        outcomes = collect_outcomes(client_outcomes(federation.clients, federation.workspace, federation.data.clients,
+                                                    round, received, eval_data=federation.eval_data), trained)
     else:
         outcomes = pool.run(round, received, trained)
     replies = {cid: Reply(None, 0, start, False) for cid in instructions}  # a lost instruction: no reply

@@ -123,25 +123,17 @@ def client_outcomes(
             client.idle(workspace, round, data[client_id])
 
 
-def run_clients(
-    clients: Mapping[str, ClientStrategy],
-    workspace: Workspace,
-    data: Mapping[str, TokenDataset],
-    round: int,
-    instructions: Mapping[str, Instruction],
-    release_memory: bool = False,
-    eval_data: Mapping[str, TokenDataset | None] | None = None,
-    on_trained: Callable[[str], None] | None = None,
+def collect_outcomes(
+    outcomes: Iterable[tuple[str, ClientOutcome]], on_trained: Callable[[str], None] | None = None
 ) -> dict[str, ClientOutcome]:
-    """`client_outcomes` collected: every client's outcome for the round; `on_trained(client_id)` hears of each
+    """Every client's outcome for the round (from `client_outcomes`); `on_trained(client_id)` hears of each
     instructed client as its work ends (progress)."""
-    outcomes: dict[str, ClientOutcome] = {}
-    for client_id, outcome in client_outcomes(clients, workspace, data, round, instructions, release_memory,
-                                              eval_data):
-        outcomes[client_id] = outcome
+    collected: dict[str, ClientOutcome] = {}
+    for client_id, outcome in outcomes:
+        collected[client_id] = outcome
         if on_trained is not None:
             on_trained(client_id)
-    return outcomes
+    return collected
 
 
 class ClientHost:

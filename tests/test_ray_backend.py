@@ -8,21 +8,18 @@ machine, as `ray stop` would."""
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from fedtune.simulations import runner
 from fedtune.simulations.cli import main as fedsim_main
 from fedtune.simulations.config import ConfigError, load_config
 from fedtune.simulations.runner import build_federation, run_simulation
-from tests.helpers import tiny_config
+from tests.helpers import assert_same_outputs, tiny_config
 from tests.ray_cluster import LocalRayCluster, free_ports
 
 # Client state that even unsampled clients change (local models and duals, in `idle`): lost or misplaced state
@@ -39,21 +36,6 @@ def ray_cluster() -> Iterator[str]:
     pytest.importorskip("ray")
     with LocalRayCluster(nodes=2, cpus=1) as cluster:
         yield cluster.address
-
-
-def outputs(out: Path) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    for row in rows:
-        row.pop("seconds")  # wall time: the only value allowed to differ
-    return load_file(out / "global" / "adapter_model.safetensors"), rows
-
-
-def assert_same_outputs(got: Path, want: Path) -> None:
-    (got_tensors, got_rows), (want_tensors, want_rows) = outputs(got), outputs(want)
-    assert got_tensors.keys() == want_tensors.keys() and got_tensors
-    for name in want_tensors:
-        assert torch.equal(got_tensors[name], want_tensors[name]), name
-    assert got_rows == want_rows
 
 
 @pytest.mark.e2e

@@ -13,14 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from fedtune.simulations import runner
 from fedtune.simulations.checkpoint import CHECKPOINT_FILE, resumable, save_checkpoint, take_checkpoint
 from fedtune.simulations.config import ConfigError
 from fedtune.simulations.runner import build_federation, run_simulation
-from tests.helpers import tiny_config
+from tests.helpers import assert_same_outputs, tiny_config
 
 CASES: dict[str, dict[str, Any]] = {
     # client state (local models, duals) that even idle clients change, held in forked workers
@@ -35,20 +33,6 @@ CASES: dict[str, dict[str, Any]] = {
 
 class Interrupted(Exception):
     """The injected fault."""
-
-
-def outputs(out: Path) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    for row in rows:
-        row.pop("seconds")  # wall time: the only value allowed to differ
-    return load_file(out / "global" / "adapter_model.safetensors"), rows
-
-
-def assert_same_outputs(got: Path, want: Path) -> None:
-    (got_tensors, got_rows), (want_tensors, want_rows) = outputs(got), outputs(want)
-    assert got_tensors.keys() == want_tensors.keys() and got_tensors
-    assert all(torch.equal(got_tensors[name], want_tensors[name]) for name in want_tensors)
-    assert got_rows == want_rows
 
 
 @pytest.mark.parametrize("case", CASES)
