@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ import pytest
 from flwr.app import ConfigRecord, RecordDict
 
 from fedtune.fedserver.metrics import RoundMetrics
+from fedtune.fedserver.security import CaFiles, TlsFiles, create_tls
 from fedtune.simulations.config import ConfigError, load_config
 from fedtune.simulations.flower import (
     FlowerError,
@@ -164,6 +166,14 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
+def served_certificate(port: int, ca: Path) -> dict:
+    """The certificate a TLS handshake with 127.0.0.1:`port` presents, verified against `ca`."""
+    context = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as secured:
+            return secured.getpeercert()
+
+
 class Processes:
     """Flower's processes, each in its own session so that killing one takes its children (SuperExec,
     the apps it started) with it; every one still running is killed at the end."""
@@ -207,24 +217,30 @@ def processes(tmp_path) -> Iterator[Processes]:
 
 @pytest.mark.e2e
 def test_flower_deployment_with_a_supernode_killed_and_restarted_ends_with_fedsims_model(tmp_path, processes):
-    """A SuperLink and three SuperNodes (insecure, loopback); SuperNode 1 is killed as round 2 starts and started
+    """A SuperLink and three SuperNodes (loopback, TLS: a CA and a server certificate from fedserver's own
+    `create_tls`, given to Flower as its flags name them); SuperNode 1 is killed as round 2 starts and started
     again: the ServerApp asks its client's new node again and the run ends as fedsim's does."""
     config_path = APP / "ffa_lora.toml"
     fedsim = run_simulation(load_config(config_path), tmp_path / "fedsim", show_progress=False)
     link = free_port()
+    tls = TlsFiles(tmp_path / "tls")
+    create_tls(tls, CaFiles(tmp_path / "ca"), ["127.0.0.1", "localhost"], "flower test")
     (tmp_path / "flwr-home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
-    processes.start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
-                    "--disable-runtime-dependency-installation")
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\n'
+        f'root-certificates = "{tls.ca_cert}"\n')
+    processes.start("superlink", "flower-superlink", "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile",
+                    str(tls.server_cert), "--ssl-keyfile", str(tls.server_key), "--host", "127.0.0.1", "--port",
+                    str(link), "--disable-runtime-dependency-installation")
 
     def supernode(partition: int, name: str) -> None:
-        processes.start(name, "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
-                        "--port", str(free_port()), "--node-config", f"partition-id={partition}")
+        processes.start(name, "flower-supernode", "--root-certificates", str(tls.ca_cert), "--superlink",
+                        f"127.0.0.1:{link}", "--port", str(free_port()), "--node-config", f"partition-id={partition}")
 
     for partition in range(3):
         supernode(partition, f"supernode-{partition}")
     out = tmp_path / "flower"
     wait_for(lambda: "Uvicorn running" in processes.log("superlink"), 60, "the SuperLink")
+    assert served_certificate(link, tls.ca_cert)["subject"] == ((("commonName", "127.0.0.1"),),)  # TLS is on
     started = subprocess.run(
         [str(BIN / "flwr"), "run", str(APP), "loopback", "--run-config",
          f"config='{config_path}' out-dir='{out}' reply-timeout-s=90.0 node-wait-s=240.0"],
