@@ -39,6 +39,7 @@ import re
 import shutil
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -48,7 +49,7 @@ from typing import Any, TypeVar
 from fedtune.fedserver.config import ServerConfig
 from fedtune.fedserver.engine import RoundEngine, RoundState
 from fedtune.fedserver.metrics import MetricsLog, RoundMetrics
-from fedtune.fedserver.store import CorruptPayload, PayloadFile, RunStore
+from fedtune.fedserver.store import CorruptPayload, Payload, RunStore
 from fedtune.fedserver.tracking import tracking_for
 from fedtune.strategies.api import ClientUpdate, DeviceProfile, Instruction, Refusal, Refused
 from fedtune.tasks.data import TokenDataset, encode, load_records, split_holdout
@@ -156,6 +157,7 @@ class Coordinator:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._register_lock = asyncio.Lock()
         self._dirty: dict[str, tuple[float, str]] = {}
+        self._sent: list[tuple[Instruction, int]] = []  # delivered instructions not yet counted: (it, wire bytes)
         self.engine: RoundEngine
 
     @property
@@ -297,7 +299,7 @@ class Coordinator:
             return reason
         finally:
             housekeeping.cancel()
-            await self._call(self._flush_activity)
+            await self._flush()
 
     def _end_run(self, reason: str) -> None:
         self.store.set_meta(status="finished", finish_reason=reason)
@@ -306,17 +308,25 @@ class Coordinator:
     async def _wait_for_clients(self) -> str | None:
         """Wait until min_clients are live; or return why no round can ever start again."""
         wanted = self.config.server.min_clients
-        while len(live := self.live_clients()) < wanted:
+        while True:
+            # Every registration wakes this loop: clients are listed only once enough have registered.
+            registered = len(self.sessions)
+            live = len(self.live_clients()) if registered >= wanted else 0
+            if live >= wanted:
+                return None
             if ended := await self._everyone_left():
                 return ended
-            self.waiting_for = f"waiting for {wanted} live clients (have {len(live)})"
+            self.waiting_for = (f"waiting for {wanted} live clients (have {live})" if registered >= wanted else
+                                f"waiting for {wanted} live clients ({registered} registered)")
             await self._wait(HOUSEKEEPING_S)
-        return None
 
     async def _everyone_left(self) -> str | None:
         """Every enrollment token is bound to a client that has left (e.g. each retired when its
         privacy budget was spent), as fedsim stops when every client has retired. An unused token
-        keeps the server waiting: that device may still join."""
+        keeps the server waiting: that device may still join. A client still in answers it without
+        reading every token from SQLite (called on each registration while the first round waits)."""
+        if any(session.left is None for session in self.sessions.values()):
+            return None
         clients = sorted(set((await self._call(self.store.tokens)).values()), key=str)  # None: a token not used yet
         reasons = [session.left for cid in clients
                    if cid is not None and (session := self.sessions.get(cid)) is not None and session.left]
@@ -368,7 +378,7 @@ class Coordinator:
         if self.engine.asynchronous is not None:
             return self.engine.buffer_full()
         state = self.open_round.state
-        awaited = [cid for cid in state.selected if cid not in state.accepted and self.sessions[cid].left is None]
+        awaited = any(cid not in state.accepted and self.sessions[cid].left is None for cid in state.selected)
         return not awaited or (now >= self.open_round.deadline and len(state.accepted) >= self.quorum())
 
     async def _wait_round_end(self) -> None:
@@ -397,6 +407,7 @@ class Coordinator:
                                       sorted(state.accepted))
             return metrics, stragglers, self._next_asynchronous_round(finished)
 
+        await self._flush()
         metrics, stragglers, self.open_round = await self._call(finish)
         log.info("round %d done: %d updates, %d stragglers %s, eval loss %s", state.round, metrics.clients,
                  len(stragglers), stragglers, metrics.eval_loss)
@@ -434,13 +445,27 @@ class Coordinator:
         """Persist last-seen times and wake waiters whose conditions depend on the clock."""
         while True:
             await asyncio.sleep(HOUSEKEEPING_S)
-            await self._call(self._flush_activity)
+            await self._flush()
             self._changed()
 
-    def _flush_activity(self) -> None:
+    async def _flush(self) -> None:
+        """Persist last-seen times and count delivered instructions' bytes in their rounds, in one step
+        on the engine thread for all clients since the last flush: per client, the hop and the commit
+        cost more than the work. (A crash loses at most HOUSEKEEPING_S of these: a metric, not work.)"""
         dirty, self._dirty = self._dirty, {}
-        if dirty:
-            self.store.record_activity(dirty)
+        sent, self._sent = self._sent, []
+
+        def persist() -> None:
+            if dirty:
+                self.store.record_activity(dirty)
+            down: Counter[int] = Counter()
+            for instruction, wire_bytes in sent:
+                if self.engine.count_down(instruction, wire_bytes):
+                    down[instruction.round] += wire_bytes
+            for round, wire_bytes in down.items():
+                self.store.add_bytes_down(round, wire_bytes)
+
+        await self._call(persist)
 
     # -- what a transport asks --------------------------------------------------------------
 
@@ -502,7 +527,7 @@ class Coordinator:
         state = open_round.state
         if self.engine.asynchronous is not None:
             return self._asynchronous_answer(client_id, open_round)
-        if client_id not in state.selected:
+        if not state.is_selected(client_id):
             return PollAnswer(PollKind.WAIT, rounds, round=state.round, sits_out=True,
                               reason=f"round {state.round} runs without this client")
         if client_id in state.accepted:
@@ -567,20 +592,17 @@ class Coordinator:
             self.touch(client_id)
 
     async def instruction_sent(self, client_id: str, instruction: Instruction, wire_bytes: int) -> None:
-        """Count a delivered instruction's bytes in its round, if that round is still open."""
-        def count() -> None:
-            if self.engine.count_down(instruction, wire_bytes):
-                self.store.add_bytes_down(instruction.round, wire_bytes)
-
+        """Count a delivered instruction's bytes in its round, if that round is still open (at the next
+        flush, at the latest when the round finishes)."""
         self.touch(client_id, "training")
-        await self._call(count)
+        self._sent.append((instruction, wire_bytes))
 
     def check_upload(self, client_id: str, round: int) -> None:
         """Refuse early, before any data arrives: the engine's own decision, read from the event loop."""
         self.engine.check_upload(client_id, round)
 
     async def submit(self, client_id: str, update: ClientUpdate, wire_bytes: int, received_s: float = 0.0,
-                     payload: PayloadFile | None = None) -> None:
+                     payload: Payload | None = None) -> None:
         """Decide again (the round may have closed while the payload streamed), validate with the
         strategy (via the engine) and store durably before the client hears OK. `payload`: the
         update's bytes already in a synced file (the transport received them there); from here on
@@ -597,9 +619,10 @@ class Coordinator:
                     closed = f"{error} (the round closed before the upload completed)"
                     raise Refused(error.reason, closed) from error
                 raise
-            self.store.save_update(update, wire_bytes, payload)
+            self.store.save_update(update, wire_bytes, payload, group=True)
 
         await self._call(accept)
+        await self._call(self.store.commit_updates)  # queued behind the updates accepted meanwhile: one commit
         self.touch(client_id, f"uploaded round {update.round}")
         log.info("round %d: update from %s accepted (%d bytes; received in %.2f s, validated and stored in %.2f s)",
                  update.round, client_id, wire_bytes, received_s, time.perf_counter() - started)

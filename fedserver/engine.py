@@ -57,6 +57,13 @@ class RoundState:
     stale: int = 0  # asynchronous mode: updates refused as older than max_staleness
     evaluate_only: bool = False  # federated evaluation of the final model: updates carry metrics only
 
+    def __post_init__(self) -> None:
+        self._selected = frozenset(self.selected)
+
+    def is_selected(self, client_id: str) -> bool:
+        """In `selected`, in constant time: every poll and upload asks, and a round may select 10,000."""
+        return client_id in self._selected
+
     def stragglers(self) -> list[str]:
         """Selected clients that sent no reply the strategy saw (neither accepted nor rejected)."""
         return sorted(set(self.selected) - set(self.accepted) - set(self.rejected))
@@ -174,7 +181,7 @@ class RoundEngine:
                                                    "updates and is being aggregated; send the update again")
         elif round != state.round:
             raise Refused(Refusal.WRONG_ROUND, f"ClientUpdate.round: {round} is not the current round {state.round}")
-        elif client_id not in state.selected:
+        elif not state.is_selected(client_id):
             raise Refused(Refusal.NOT_SELECTED, f"client {client_id!r} is not selected for round {state.round}")
         if client_id in state.accepted:
             raise Refused(Refusal.DUPLICATE,

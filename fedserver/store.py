@@ -5,7 +5,11 @@ state after the last completed round in `<run_dir>/state/` (SQLite holds its nam
 Everything the server needs to continue after a crash is here, written before the client hears
 OK. An update's payload (its tensors' wire bytes, exactly as the payload stream carried them) is
 appended to its file as the chunks arrive, and the file and its directory are fsync'd; only then is
-its metadata (header, size, SHA-256) committed to SQLite, and only then does PushUpdate return.
+its metadata (header, size, SHA-256) committed to SQLite, with SQLite's log fsync'd, and only then
+does PushUpdate return. A light update (at most INLINE_PAYLOAD_BYTES: a rank-1 adapter, a seed log)
+is received into memory and its payload committed inside its metadata row: for it a file of its own
+(create, two fsyncs, a mapping) cost more than all the rest of its upload. Rows of updates accepted
+together are committed together (`commit_updates`), sharing one fsync.
 A payload file without a metadata row (the server died between the two, or the upload was refused)
 is an orphan: never loaded, removed at start-up and when a round commits. A round's new strategy
 state replaces its updates' rows in one transaction; their files go right after. Keeping payloads
@@ -38,6 +42,7 @@ from fedtune.strategies.api import ClientUpdate, DeviceProfile
 
 PAYLOAD_DIR = "updates"
 PAYLOAD_SUFFIX = ".payload"
+INLINE_PAYLOAD_BYTES = 16 << 10
 STATE_DIR = "state"
 
 SCHEMA = """
@@ -56,7 +61,7 @@ CREATE TABLE IF NOT EXISTS strategy_states (round INTEGER PRIMARY KEY, file TEXT
 CREATE TABLE IF NOT EXISTS accepted_updates (
     round INTEGER NOT NULL, client_id TEXT NOT NULL, seq INTEGER NOT NULL, header BLOB NOT NULL,
     wire_bytes INTEGER NOT NULL, payload TEXT NOT NULL, payload_bytes INTEGER NOT NULL, sha256 TEXT NOT NULL,
-    PRIMARY KEY (round, client_id));
+    data BLOB, PRIMARY KEY (round, client_id));
 CREATE TABLE IF NOT EXISTS handouts (client_id TEXT PRIMARY KEY, round INTEGER NOT NULL);
 """
 
@@ -81,9 +86,10 @@ class _HashingWriter:
         self.file.flush()
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a file's creation (its directory entry) durable, not only its contents."""
-    fd = os.open(directory, os.O_RDONLY)
+def _fsync_path(path: Path) -> None:
+    """fsync by path: a file written by someone else (SQLite's log), or a directory, which makes a
+    file's creation (its directory entry) durable, not only its contents."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -114,7 +120,7 @@ class PayloadFile:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        _fsync_directory(self.path.parent)
+        _fsync_path(self.path.parent)
         self.sha256 = sha256.hex()
 
     def close(self) -> None:
@@ -122,6 +128,40 @@ class PayloadFile:
 
     def map(self) -> torch.Tensor:
         return _mapped(self.path, self.size)
+
+
+class InlinePayload:
+    """A light update's payload, received into memory and committed inside its metadata row, so that
+    its durability is the row's (`RunStore.commit_updates`)."""
+
+    name = ""  # no file of its own
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.sha256 = ""  # hex, set by `sync`
+        self.handed_over = False
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        self.data += chunk
+
+    def sync(self, sha256: bytes) -> None:
+        """Nothing to sync: the bytes reach the disk with their row."""
+        self.sha256 = sha256.hex()
+
+    def map(self) -> torch.Tensor:
+        return _buffer_tensor(self.data)
+
+
+Payload = PayloadFile | InlinePayload
+
+
+def _buffer_tensor(data: bytearray) -> torch.Tensor:
+    """`data` as a uint8 tensor sharing its memory."""
+    return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
 
 def _mapped(path: Path, size: int) -> torch.Tensor:
@@ -141,9 +181,10 @@ class StoredUpdate:
     client_id: str
     header: bytes
     wire_bytes: int
-    payload: str
+    payload: str  # "" when inline
     payload_bytes: int
     sha256: str
+    data: bytes | None  # a light update's payload, inline
 
 
 @dataclass(frozen=True)
@@ -180,6 +221,7 @@ class RunStore:
         self.payload_dir = path.parent / PAYLOAD_DIR
         self.state_dir = path.parent / STATE_DIR
         self._writing: set[str] = set()  # payload files being received or awaiting their commit: not orphans
+        self._uncommitted = False  # accepted updates saved, waiting for `commit_updates`
         if readonly:
             self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
         else:
@@ -196,6 +238,7 @@ class RunStore:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.commit_updates()  # first: another transaction that fails must not roll back accepted updates
         with self.db:
             yield self.db
 
@@ -331,7 +374,7 @@ class RunStore:
         directory; returns its name and SHA-256."""
         if not self.state_dir.is_dir():
             self.state_dir.mkdir(parents=True, exist_ok=True)
-            _fsync_directory(self.state_dir.parent)
+            _fsync_path(self.state_dir.parent)
         name = f"round-{round:06d}-{uuid.uuid4().hex[:12]}.pt"
         try:
             with (self.state_dir / name).open("xb") as file:
@@ -339,7 +382,7 @@ class RunStore:
                 torch.save(state, cast(IO[bytes], writer))  # torch.save needs only `write`
                 file.flush()
                 os.fsync(file.fileno())
-            _fsync_directory(self.state_dir)
+            _fsync_path(self.state_dir)
         except BaseException:
             (self.state_dir / name).unlink(missing_ok=True)
             raise
@@ -354,12 +397,15 @@ class RunStore:
 
     # -- accepted updates of the round in progress ------------------------------------------
 
-    def new_payload(self, round: int, client_id: str) -> PayloadFile:
-        """A new file for the payload of `client_id`'s update for `round` (any thread). Its name starts
-        with the round, so a committed round's orphans are recognised; it is never another's file."""
+    def new_payload(self, round: int, client_id: str, size: int | None = None) -> Payload:
+        """Where the payload of `client_id`'s update for `round` goes (any thread): memory if its `size` is
+        known and at most INLINE_PAYLOAD_BYTES, else a new file. The file's name starts with the round, so
+        a committed round's orphans are recognised; it is never another's file."""
+        if size is not None and size <= INLINE_PAYLOAD_BYTES:
+            return InlinePayload()
         if not self.payload_dir.is_dir():
             self.payload_dir.mkdir(parents=True, exist_ok=True)
-            _fsync_directory(self.payload_dir.parent)
+            _fsync_path(self.payload_dir.parent)
         name = f"{round:06d}-{client_id}-{uuid.uuid4().hex[:12]}{PAYLOAD_SUFFIX}"
         self._writing.add(name)
         try:
@@ -368,15 +414,18 @@ class RunStore:
             self._writing.discard(name)
             raise
 
-    def discard_payload(self, payload: PayloadFile) -> None:
+    def discard_payload(self, payload: Payload) -> None:
         """Remove the payload file of an upload that was not accepted (any thread)."""
-        payload.close()
-        payload.path.unlink(missing_ok=True)
-        self._writing.discard(payload.name)
+        if isinstance(payload, PayloadFile):
+            payload.close()
+            payload.path.unlink(missing_ok=True)
+            self._writing.discard(payload.name)
 
-    def save_update(self, update: ClientUpdate, wire_bytes: int, payload: PayloadFile | None = None) -> None:
-        """Commit an accepted update. `payload`: its bytes, already received into a file and synced
-        (gRPC); without it (an update built in this process) they are written and synced here."""
+    def save_update(self, update: ClientUpdate, wire_bytes: int, payload: Payload | None = None,
+                    group: bool = False) -> None:
+        """Commit an accepted update durably. `payload`: its bytes, already received and synced (gRPC);
+        without it (an update built in this process) they are written and synced here. With `group`, the
+        row waits for the next `commit_updates` instead, which the caller awaits before saying OK."""
         if payload is None:
             payload = self._write_payload(update)
         header = pb.ClientUpdate(
@@ -385,21 +434,33 @@ class RunStore:
             metrics=dict(update.metrics),
         )
         assert payload.sha256, "a payload is committed only once synced"
-        try:
-            with self.transaction() as db:
-                seq = db.execute("SELECT COUNT(*) FROM accepted_updates").fetchone()[0]  # all of the open round's
-                db.execute(
-                    "INSERT INTO accepted_updates (round, client_id, seq, header, wire_bytes, payload, payload_bytes, "
-                    "sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (update.round, update.client_id, seq, header.SerializeToString(), wire_bytes, payload.name,
-                     payload.size, payload.sha256))
+        try:  # a failed insert rolls back itself alone, not the other updates waiting for their commit
+            seq = self.db.execute("SELECT COUNT(*) FROM accepted_updates").fetchone()[0]  # all of the open round's
+            self.db.execute(
+                "INSERT INTO accepted_updates (round, client_id, seq, header, wire_bytes, payload, payload_bytes, "
+                "sha256, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (update.round, update.client_id, seq, header.SerializeToString(), wire_bytes, payload.name,
+                 payload.size, payload.sha256, payload.data if isinstance(payload, InlinePayload) else None))
         except BaseException:
             self.discard_payload(payload)
             raise
         self._writing.discard(payload.name)
+        self._uncommitted = True
+        if not group:
+            self.commit_updates()
 
-    def _write_payload(self, update: ClientUpdate) -> PayloadFile:
-        payload = self.new_payload(update.round, update.client_id)
+    def commit_updates(self) -> None:
+        """Commit every accepted update saved since the last commit, then fsync SQLite's log: what
+        synchronous=FULL does after every commit (NORMAL syncs the log only at checkpoints, and the
+        level cannot change inside a transaction). Updates accepted together share the one fsync."""
+        if not self._uncommitted:
+            return
+        self.db.commit()
+        _fsync_path(self.path.with_name(self.path.name + "-wal"))
+        self._uncommitted = False
+
+    def _write_payload(self, update: ClientUpdate) -> Payload:
+        payload = self.new_payload(update.round, update.client_id, sum(t.nbytes for t in update.tensors.values()))
         hasher = hashlib.sha256()
         try:
             for tensor in update.tensors.values():
@@ -428,23 +489,27 @@ class RunStore:
         """The accepted updates of the open round `round` in acceptance order (in asynchronous mode some
         were computed for earlier rounds, and are stored under those)."""
         rows = self.db.execute(
-            "SELECT round, client_id, header, wire_bytes, payload, payload_bytes, sha256 FROM accepted_updates "
+            "SELECT round, client_id, header, wire_bytes, payload, payload_bytes, sha256, data FROM accepted_updates "
             "WHERE round <= ? ORDER BY seq", (round,)).fetchall()
         return [StoredUpdate(*row) for row in rows]
 
     def load_update(self, stored: StoredUpdate) -> ClientUpdate:
-        """A stored update, its tensors mapped from its payload file; CorruptPayload if the file is
-        missing, or its size or SHA-256 is not what was accepted."""
-        path = self.payload_dir / stored.payload
-        what = f"payload file {path} (the update of {stored.client_id!r} for round {stored.round})"
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise CorruptPayload(f"{what} is missing") from None
-        if size != stored.payload_bytes:
-            raise CorruptPayload(f"{what} holds {size} bytes, {stored.payload_bytes} were accepted (truncated or "
-                                 "overwritten)")
-        data = _mapped(path, size)
+        """A stored update, its tensors mapped from its payload file (or inline); CorruptPayload if the
+        file is missing, or its size or SHA-256 is not what was accepted."""
+        if stored.data is not None:
+            what = f"inline payload in {self.path} (the update of {stored.client_id!r} for round {stored.round})"
+            data = _buffer_tensor(bytearray(stored.data))
+        else:
+            path = self.payload_dir / stored.payload
+            what = f"payload file {path} (the update of {stored.client_id!r} for round {stored.round})"
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise CorruptPayload(f"{what} is missing") from None
+            if size != stored.payload_bytes:
+                raise CorruptPayload(f"{what} holds {size} bytes, {stored.payload_bytes} were accepted (truncated or "
+                                     "overwritten)")
+            data = _mapped(path, size)
         digest = hashlib.sha256(data.numpy().data).hexdigest()
         if digest != stored.sha256:
             raise CorruptPayload(f"{what}: its SHA-256 is {digest}, the accepted update's was {stored.sha256} (the "
@@ -460,7 +525,8 @@ class RunStore:
         with self.transaction() as db:
             db.execute("DELETE FROM accepted_updates WHERE round = ? AND client_id = ?",
                        (stored.round, stored.client_id))
-        (self.payload_dir / stored.payload).unlink(missing_ok=True)
+        if stored.payload:
+            (self.payload_dir / stored.payload).unlink(missing_ok=True)
 
     def load_updates(self, round: int) -> list[tuple[ClientUpdate, int]]:
         """`stored_updates` loaded, with their wire sizes; CorruptPayload at the first damaged one."""

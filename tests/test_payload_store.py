@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -22,7 +24,7 @@ import pytest
 import torch
 
 from fedtune.fedserver.coordinator import PollKind
-from fedtune.fedserver.store import PAYLOAD_DIR, CorruptPayload, RunStore
+from fedtune.fedserver.store import INLINE_PAYLOAD_BYTES, PAYLOAD_DIR, CorruptPayload, RunStore
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos.payload import tensor_bytes
 from fedtune.protos.wire import serializer
@@ -80,6 +82,52 @@ def test_an_update_comes_back_bit_identical_from_its_file_and_sqlite_holds_only_
     assert (payload, size, digest) == (name, len(wire), hashlib.sha256(wire).hexdigest())
     biggest = db.execute("SELECT MAX(LENGTH(header)) FROM accepted_updates").fetchone()[0]
     assert biggest < 1024 < len(wire)  # the header only: the tensors are not in SQLite
+
+
+def light_update(client_id: str, round: int) -> ClientUpdate:
+    update = mixed_update(client_id, round)
+    return update.model_copy(update={"tensors": {k: v for k, v in update.tensors.items() if k != "big"}})
+
+
+def test_a_light_update_is_committed_inside_its_row_and_comes_back_bit_identical(tmp_path: Path):
+    store = RunStore(tmp_path / "state.sqlite")
+    sent = light_update("a", 1)
+    wire = b"".join(bytes(tensor_bytes(tensor)) for tensor in sent.tensors.values())
+    assert 0 < len(wire) <= INLINE_PAYLOAD_BYTES
+    store.save_update(sent, wire_bytes=7)
+    assert payload_files(tmp_path) == []  # no file of its own
+    [(back, wire_bytes)] = store.load_updates(1)
+    assert (wire_bytes, back.client_id, back.metrics) == (7, "a", {"train_loss": 0.5})
+    for name, tensor in sent.tensors.items():
+        assert back.tensors[name].dtype == tensor.dtype and torch.equal(back.tensors[name], tensor)
+    db = sqlite3.connect(tmp_path / "state.sqlite")  # another connection: committed
+    assert db.execute("SELECT data, sha256 FROM accepted_updates").fetchall() == [
+        (wire, hashlib.sha256(wire).hexdigest())]
+
+
+def test_updates_accepted_together_share_one_durable_commit(tmp_path: Path, monkeypatch):
+    store = RunStore(tmp_path / "state.sqlite")
+    synced: list[str] = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd)))
+    reader = sqlite3.connect(tmp_path / "state.sqlite")
+
+    def committed() -> list[str]:
+        return [cid for (cid,) in reader.execute("SELECT client_id FROM accepted_updates ORDER BY seq")]
+
+    store.save_update(light_update("a", 1), wire_bytes=1, group=True)
+    store.save_update(mixed_update("b", 1), wire_bytes=1, group=True)  # a payload file, synced before its row
+    assert committed() == [] and [cid.client_id for cid in store.stored_updates(1)] == ["a", "b"]
+    synced.clear()
+    store.commit_updates()
+    assert committed() == ["a", "b"] and synced == [f"{tmp_path}/state.sqlite-wal"]  # one fsync of SQLite's log
+    store.commit_updates()
+    assert synced == [f"{tmp_path}/state.sqlite-wal"]  # nothing new: no fsync
+
+    store.save_update(light_update("c", 1), wire_bytes=1, group=True)
+    with pytest.raises(sqlite3.IntegrityError), store.transaction() as db:  # another transaction fails...
+        db.execute("INSERT INTO meta (key, value) VALUES ('k', NULL)")
+    assert committed() == ["a", "b", "c"]  # ... without rolling back an accepted update waiting for its commit
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -159,13 +207,16 @@ def test_a_damaged_payload_found_on_resume_is_reported_and_its_client_asked_agai
         assert payload_files(run_dir) == []
 
     scenario(crashed)
-    [damaged] = [name for name in payload_files(run_dir) if "-a-" in name]
-    path = run_dir / PAYLOAD_DIR / damaged
-    path.write_bytes(path.read_bytes()[:4])
+    assert payload_files(run_dir) == []  # 8-byte updates: their payloads are inline, in their rows
+    db = sqlite3.connect(run_dir / "state.sqlite")
+    with db:
+        db.execute("UPDATE accepted_updates SET data = substr(data, 1, 4) WHERE client_id = 'a'")
+    db.close()
     with caplog.at_level(logging.ERROR):
         scenario(resumed)
-    assert f"resume: stored update dropped: payload file {path} (the update of 'a' for round 1) holds 4 bytes, " \
-           "8 were accepted" in caplog.text
+    where = re.escape(f"inline payload in {run_dir}/state.sqlite (the update of 'a' for round 1)")
+    assert re.search(rf"resume: stored update dropped: {where}: its SHA-256 is [0-9a-f]{{64}}, the accepted update's",
+                     caplog.text)
 
 
 KILLED_AT_COMMIT = """
@@ -176,11 +227,11 @@ from fedtune.fedserver.store import RunStore
 commit = RunStore.save_update
 
 
-def die_before_commit(self, update, wire_bytes, payload=None):
+def die_before_commit(self, update, wire_bytes, payload=None, group=False):
     # The injected fault: the server dies after the payload's fsync, before its metadata commit.
     if update.client_id == sys.argv[1]:
         os.kill(os.getpid(), signal.SIGKILL)
-    return commit(self, update, wire_bytes, payload)
+    return commit(self, update, wire_bytes, payload, group)
 
 
 RunStore.save_update = die_before_commit

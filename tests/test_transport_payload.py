@@ -6,6 +6,8 @@ import grpc
 import pytest
 import torch
 
+from fedtune.fedserver import service
+from fedtune.fedserver.service import InstructionCache
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos.limits import Limits
 from fedtune.protos.payload import (
@@ -16,7 +18,7 @@ from fedtune.protos.payload import (
     update_from_stream,
     update_messages,
 )
-from fedtune.strategies.api import ClientUpdate, Instruction
+from fedtune.strategies.api import ClientUpdate, Instruction, ReplyContract, ReplyValues, TensorSpec
 
 LIMITS = Limits(chunk_bytes=1024, max_message_bytes=1 << 20, max_update_bytes=1 << 20, max_tensors=8, max_metrics=4,
                 max_name_bytes=32)
@@ -122,3 +124,54 @@ def test_bool_bytes_must_be_zero_or_one():
 def test_limits_require_room_for_a_chunk_in_a_message():
     with pytest.raises(ValueError, match="max_message_bytes .* must exceed limits.chunk_bytes"):
         Limits(chunk_bytes=1 << 20, max_message_bytes=1 << 20)
+
+
+def decoded(messages) -> Instruction:
+    reader = PayloadReader("Instruction", LIMITS, LIMITS.max_update_bytes)
+    for encoded in messages:
+        reader.feed(pb.InstructionMessage.FromString(encoded))
+    return instruction_from_stream(reader)
+
+
+def test_clients_with_the_same_instruction_share_one_encoding_until_the_model_changes():
+    cache = InstructionCache(LIMITS.chunk_bytes)
+    model = {"w": torch.arange(600, dtype=torch.float32), "b": torch.ones(3)}
+    reply = ReplyContract(tensors={name: TensorSpec.like(t) for name, t in model.items()}, values=ReplyValues.TRAINED,
+                          doc="trained")
+    first = cache.messages(Instruction(round=1, tensors=model, reply=reply))
+    again = cache.messages(Instruction(round=1, tensors=dict(model), reply=reply.model_copy()))
+    assert again is first  # a second client with the same instruction: the same bytes, not encoded again
+    assert torch.equal(decoded(first).tensors["w"], model["w"])
+    model["w"].add_(1)  # the global model changed in place
+    changed = cache.messages(Instruction(round=1, tensors=model, reply=reply))
+    assert changed is not first and torch.equal(decoded(changed).tensors["w"], model["w"])
+    model["w"] = model["w"] * 2  # ... or was replaced
+    assert torch.equal(decoded(cache.messages(Instruction(round=1, tensors=model))).tensors["w"], model["w"])
+
+
+@pytest.mark.parametrize("other", [
+    lambda model: Instruction(round=2, tensors=model),  # the next round
+    lambda model: Instruction(round=1, tensors=model, settings={"base_version": 3}),  # a per-client log (FedKSeed)
+    lambda model: Instruction(round=1, tensors=model, settings={"base_version": True}),  # == 1, not on the wire
+    lambda model: Instruction(round=1, tensors={"w": model["w"][:10].clone()}),  # its own adapter shape
+    lambda model: Instruction(round=1, tensors=model, reply=ReplyContract(
+        tensors={"w": TensorSpec.like(model["w"])}, values=ReplyValues.DELTA, doc="delta")),
+])
+def test_per_client_instructions_are_never_shared(other):
+    cache = InstructionCache(LIMITS.chunk_bytes)
+    model = {"w": torch.arange(600, dtype=torch.float32)}
+    cache.messages(Instruction(round=1, tensors=model, settings={"base_version": 1}))
+    instruction = other(model)
+    back = decoded(cache.messages(instruction))
+    assert (back.round, back.settings) == (instruction.round, instruction.settings)
+    assert type(back.settings.get("base_version")) is type(instruction.settings.get("base_version"))
+    assert torch.equal(back.tensors["w"], instruction.tensors["w"])
+
+
+def test_a_large_instruction_is_streamed_from_tensor_memory_not_kept(monkeypatch):
+    monkeypatch.setattr(service, "CACHED_INSTRUCTION_BYTES", 1000)
+    cache = InstructionCache(LIMITS.chunk_bytes)
+    model = {"w": torch.arange(600, dtype=torch.float32)}  # 2400 bytes
+    streams = [cache.messages(Instruction(round=1, tensors=model)) for _ in range(2)]
+    assert not isinstance(streams[0], tuple) and streams[0] is not streams[1]
+    assert all(torch.equal(decoded(stream).tensors["w"], model["w"]) for stream in streams)
