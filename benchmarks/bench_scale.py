@@ -1,15 +1,17 @@
-"""Scale benchmark: N concurrent light clients complete one round against one fedserver on loopback.
+"""Scale benchmark: N concurrent light clients complete R rounds against one fedserver on loopback.
 
-    .venv/bin/python benchmarks/bench_scale.py [--clients 100 1000]
+    .venv/bin/python benchmarks/bench_scale.py [--clients 100 1000] [--rounds 1]
 
 The server is the real `fedserver` process (fedavg_lora, LoRA rank 1 on the tiny model: an 8.5 KiB
 update). Each light client is a thread with its own gRPC channel (its own TCP connection) speaking
 the protocol through the fedclient library's Connection and payload streams: Register, long-poll
 PullInstruction, PushUpdate (the instruction's tensors sent back: a valid update, no training),
 then poll until DONE. The light clients are coroutines on one grpc.aio event loop in this process,
-each with its own channel (its own TCP connection), so the harness stays cheap. Reported per N:
-wall time from the first Register to the last client hearing DONE, the server's peak RSS,
-retried RPCs and failed clients.
+each with its own channel (its own TCP connection), so the harness stays cheap; at most
+REGISTERING of them connect and register at once. Reported per N: wall time from the first Register
+to the last client hearing DONE, the server's CPU time (and its system part) and peak RSS, retried
+RPCs and failed clients; with --rounds > 1 also the server's RSS as each round ended and its growth
+from round 2 to the last.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import argparse
 import asyncio
 import functools
 import json
+import resource
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -37,11 +42,12 @@ from fedtune.protos.payload import PROTOCOL_VERSION, PayloadReader, instruction_
 from fedtune.strategies.api import ClientUpdate
 
 MiB = 1 << 20
+REGISTERING = 500  # the harness's limit: 10,000 TCP handshakes at once overflow the listen backlog (SYN retries)
 
 
-def server_config(run_dir: Path, port: int, clients: int) -> str:
+def server_config(run_dir: Path, port: int, clients: int, rounds: int) -> str:
     return f"""strategy = "fedavg_lora"
-rounds = 1
+rounds = {rounds}
 seed = 0
 [options]
 rank = 1
@@ -87,14 +93,16 @@ class LightClient:
                 self.retried += 1
                 await asyncio.sleep(min(2.0, 0.1 * 2 ** attempt))
 
-    async def run(self, start: asyncio.Event) -> None:
+    async def run(self, start: asyncio.Event, registering: asyncio.Semaphore) -> None:
         options = [("grpc.max_receive_message_length", 16 * MiB), ("grpc.max_send_message_length", 16 * MiB)]
         async with grpc.aio.insecure_channel(self.address, options=options) as channel:
             stub = rpc.FederationStub(channel)
             try:
                 await start.wait()
-                reply = await self._retrying(lambda: stub.Register(
-                    pb.RegisterRequest(protocol_version=PROTOCOL_VERSION, name=self.name), metadata=self.metadata))
+                async with registering:  # connects on this first call
+                    reply = await self._retrying(lambda: stub.Register(
+                        pb.RegisterRequest(protocol_version=PROTOCOL_VERSION, name=self.name),
+                        metadata=self.metadata))
                 limits = Limits.from_proto(reply.limits)
                 while True:
                     status, instruction = await self._retrying(lambda: self._pull(stub, limits))
@@ -129,7 +137,8 @@ async def _aiter(items):
 
 async def run_clients(clients: list[LightClient]) -> float:
     start = asyncio.Event()
-    tasks = [asyncio.create_task(client.run(start)) for client in clients]
+    registering = asyncio.Semaphore(REGISTERING)
+    tasks = [asyncio.create_task(client.run(start, registering)) for client in clients]
     await asyncio.sleep(0.5)  # every channel created and waiting
     began = time.perf_counter()
     start.set()
@@ -137,7 +146,35 @@ async def run_clients(clients: list[LightClient]) -> float:
     return time.perf_counter() - began
 
 
-def bench(clients: int, tmp: Path) -> dict[str, float]:
+class RoundWatcher:
+    """The server's RSS each time a round's metrics row appears (a thread polling metrics.jsonl)."""
+
+    def __init__(self, pid: int, metrics: Path):
+        self.process = psutil.Process(pid)
+        self.metrics = metrics
+        self.rss: list[int] = []  # after round 1, 2, ...
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            rows = len(self.metrics.read_text().splitlines()) if self.metrics.exists() else 0
+            while len(self.rss) < rows - 1:  # row 0 is the baseline before round 1
+                try:
+                    self.rss.append(self.process.memory_info().rss)
+                except psutil.Error:
+                    return
+
+    def __enter__(self) -> RoundWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bench(clients: int, rounds: int, tmp: Path) -> dict[str, Any]:
     run_dir = tmp / f"run-{clients}"
     fedserver_main(["init", "--run-dir", str(run_dir), "--clients", str(clients)])
     tokens = [line.split("\t")[1] for line in (run_dir / "enrollment-tokens.txt").read_text().splitlines()]
@@ -145,7 +182,7 @@ def bench(clients: int, tmp: Path) -> dict[str, float]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     config = tmp / f"server-{clients}.toml"
-    config.write_text(server_config(run_dir, port, clients))
+    config.write_text(server_config(run_dir, port, clients, rounds))
     server = subprocess.Popen([str(BIN / "fedserver"), "start", "--config", str(config)],
                               stdout=(tmp / f"server-{clients}.log").open("w"), stderr=subprocess.STDOUT)
     try:
@@ -155,18 +192,20 @@ def bench(clients: int, tmp: Path) -> dict[str, float]:
             time.sleep(0.2)
         light = [LightClient(f"127.0.0.1:{port}", token, f"light-{i:04d}") for i, token in enumerate(tokens)]
         server_cpu = psutil.Process(server.pid)
-        with RssSampler(server.pid) as rss:
-            cpu_before = sum(server_cpu.cpu_times()[:2])
+        with RssSampler(server.pid) as rss, RoundWatcher(server.pid, run_dir / "metrics.jsonl") as watcher:
+            user_before, system_before = server_cpu.cpu_times()[:2]
             wall = asyncio.run(run_clients(light))
-            server_seconds = sum(server_cpu.cpu_times()[:2]) - cpu_before
+            user_after, system_after = server_cpu.cpu_times()[:2]
         failed = [c.error for c in light if c.error]
         if len(failed) == clients:
             raise RuntimeError(f"every client failed, e.g. {failed[0]}")
         server.wait(timeout=120)
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return {"wall": wall, "server_cpu": server_seconds, "rss_peak": rss.peak,
+        return {"wall": wall, "server_cpu": user_after + system_after - user_before - system_before,
+                "server_system": system_after - system_before, "rss_peak": rss.peak,
                 "retried": sum(c.retried for c in light),
-                "failed": sum(c.error is not None for c in light), "accepted": metrics[-1]["clients"],
+                "failed": sum(c.error is not None for c in light), "accepted": [row["clients"] for row in metrics[1:]],
+                "rss_rounds": watcher.rss,
                 "errors": [c.error for c in light if c.error][:3]}
     finally:
         if server.poll() is None:
@@ -176,15 +215,24 @@ def bench(clients: int, tmp: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # a socket per client here and in the server
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard < 2 * max(args.clients) + 1000:
+        print(f"warning: RLIMIT_NOFILE hard limit {hard} may be too low for {max(args.clients)} clients")
     with tempfile.TemporaryDirectory() as tmp_name:
         for clients in args.clients:
-            result = bench(clients, Path(tmp_name))
-            print(f"{clients:5d} clients: one round in {result['wall']:6.1f} s wall, {result['accepted']} updates "
-                  f"aggregated, server CPU {result['server_cpu']:.1f} s, server peak RSS "
-                  f"{result['rss_peak'] / MiB:.0f} MiB, retried RPCs "
-                  f"{result['retried']}, failed clients {result['failed']}"
+            result = bench(clients, args.rounds, Path(tmp_name))
+            print(f"{clients:5d} clients: {args.rounds} round(s) in {result['wall']:6.1f} s wall, updates aggregated "
+                  f"per round {sorted(set(result['accepted']))}, server CPU {result['server_cpu']:.1f} s "
+                  f"({result['server_system']:.1f} s system), server peak RSS {result['rss_peak'] / MiB:.0f} MiB, "
+                  f"retried RPCs {result['retried']}, failed clients {result['failed']}"
                   + (f" (e.g. {result['errors']})" if result["errors"] else ""), flush=True)
+            if args.rounds > 1 and len(result["rss_rounds"]) >= 2:
+                second, last = result["rss_rounds"][1], result["rss_rounds"][-1]
+                print(f"       server RSS after each round (MiB): {[round(r / MiB) for r in result['rss_rounds']]}; "
+                      f"round 2 -> {len(result['rss_rounds'])}: {(last - second) / second:+.1%}", flush=True)
 
 
 if __name__ == "__main__":
