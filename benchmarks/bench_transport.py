@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_transport.py [--mib 256] [--clients 1] [--repeats 2]
 
-Both paths run on loopback without TLS, in the same session, with 2 MiB chunks:
+Both paths run on loopback in the same session, with 2 MiB chunks, first in plaintext, then both with
+TLS (the certificates `fedserver init` makes with fedserver.security.create_tls, for the raw server too):
   fedtune  a fedserver process (fedavg_lora on the tiny model, LoRA rank chosen so the adapter is
            --mib MiB, min_clients = --clients); this process registers that many clients with the
            fedclient library, each pulls its instruction, then each pushes an update of that size,
@@ -13,7 +14,8 @@ Both paths run on loopback without TLS, in the same session, with 2 MiB chunks:
            a preallocated buffer; the client streams the same bytes.
   disk     the same bytes written to a file beside the run dir and fsync'd (no network): what storing
            the update durably costs on this disk alone.
-Reported: throughput of each, the ratio fedtune/raw (goal >= 0.8) and fedtune/disk, each server's RSS
+Reported: throughput of each, the ratio fedtune/raw in plaintext and with TLS (goal >= 0.8 in both) and
+fedtune/disk, each server's RSS
 increase while receiving as a multiple of the update (goal < 2x), the fedserver's peak RSS over the
 whole round (all pushes, aggregation, evaluation, checkpoint, commit) above its RSS once the
 instructions went out (goal <= 3x one update), also without file-backed pages (mapped payload
@@ -38,6 +40,8 @@ from typing import Any
 import grpc
 import psutil
 import torch
+
+from fedtune.fedserver.security import TlsFiles
 
 BIN = Path(sys.executable).parent
 MiB = 1 << 20
@@ -89,8 +93,9 @@ class RssSampler:
 # -- raw grpcio baseline ----------------------------------------------------------------------
 
 
-def raw_server(total: int, port_file: Path) -> None:
-    """A bare client-streaming method that copies every chunk into one preallocated buffer."""
+def raw_server(total: int, port_file: Path, tls: Path | None) -> None:
+    """A bare client-streaming method that copies every chunk into one preallocated buffer; with `tls` (a
+    run's tls directory), behind that run's server certificate."""
     buffer = bytearray(total)
 
     def upload(request_iterator, context):
@@ -105,22 +110,28 @@ def raw_server(total: int, port_file: Path) -> None:
     options = [("grpc.max_receive_message_length", 8 * MiB), ("grpc.max_send_message_length", 8 * MiB)]
     server = grpc.server(futures.ThreadPoolExecutor(4), options=options)
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
+    if tls is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        files = TlsFiles(tls)
+        credentials = grpc.ssl_server_credentials([(files.server_key.read_bytes(), files.server_cert.read_bytes())])
+        port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()
     port_file.write_text(str(port))
     server.wait_for_termination()
 
 
-def bench_raw(payload: bytes, tmp: Path) -> dict[str, float]:
+def bench_raw(payload: bytes, tmp: Path, tls: Path | None) -> dict[str, float]:
     port_file = tmp / "raw.port"
     port_file.unlink(missing_ok=True)
     process = subprocess.Popen([sys.executable, __file__, "--raw-server", str(len(payload)),
-                                "--port-file", str(port_file)])
+                                "--port-file", str(port_file), *(["--tls", str(tls)] if tls else [])])
     try:
         while not port_file.exists() or not port_file.read_text():
             time.sleep(0.05)
-        channel = grpc.insecure_channel(f"127.0.0.1:{port_file.read_text()}",
-                                        options=[("grpc.max_send_message_length", 8 * MiB)])
+        address, options = f"127.0.0.1:{port_file.read_text()}", [("grpc.max_send_message_length", 8 * MiB)]
+        channel = (grpc.insecure_channel(address, options=options) if tls is None else grpc.secure_channel(
+            address, grpc.ssl_channel_credentials(TlsFiles(tls).ca_cert.read_bytes()), options=options))
         upload = channel.stream_unary(RAW_METHOD, request_serializer=None, response_deserializer=None)
         view = memoryview(payload)
         upload(iter([b"warm-up"]), timeout=60)
@@ -139,7 +150,7 @@ def bench_raw(payload: bytes, tmp: Path) -> dict[str, float]:
 # -- fedclient -> fedserver -------------------------------------------------------------------
 
 
-def server_config(run_dir: Path, rank: int, port: int, clients: int) -> str:
+def server_config(run_dir: Path, rank: int, port: int, clients: int, tls: bool) -> str:
     return f"""strategy = "fedavg_lora"
 rounds = 1
 seed = 0
@@ -156,7 +167,7 @@ max_eval_examples = 8
 run_dir = "{run_dir}"
 host = "127.0.0.1"
 port = {port}
-insecure = true
+insecure = {str(not tls).lower()}
 min_clients = {clients}
 linger_s = 5
 [limits]
@@ -164,9 +175,10 @@ max_update_bytes = {4 << 30}
 """
 
 
-def bench_fedtune(mib: int, clients: int, tmp: Path) -> tuple[dict[str, Any], bytes]:
+def bench_fedtune(mib: int, clients: int, tmp: Path, tls: bool) -> tuple[dict[str, Any], bytes]:
     """One round of `clients` updates of `mib` MiB (the same tensors from each client), pushed one after
-    the other; the first push is the one timed."""
+    the other; the first push is the one timed. With `tls`, the server and clients use the run's
+    certificates (`fedserver init`); its tls directory is `tmp`/run/tls."""
     from fedtune.fedclient.client import ClientSettings, FederatedClient
     from fedtune.fedclient.connection import ConnectionSettings
     from fedtune.fedserver.cli import main as fedserver_main
@@ -182,7 +194,7 @@ def bench_fedtune(mib: int, clients: int, tmp: Path) -> tuple[dict[str, Any], by
     with __import__("socket").socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    (tmp / "server.toml").write_text(server_config(run_dir, rank, port, clients))
+    (tmp / "server.toml").write_text(server_config(run_dir, rank, port, clients, tls))
     data = tmp / "data.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in load_records("builtin:ops", 0, 50)))
     server = subprocess.Popen([str(BIN / "fedserver"), "start", "--config", str(tmp / "server.toml")],
@@ -190,7 +202,8 @@ def bench_fedtune(mib: int, clients: int, tmp: Path) -> tuple[dict[str, Any], by
     try:
         with RssSampler(server.pid) as whole_run:
             devices = [FederatedClient(ClientSettings(
-                connection=ConnectionSettings(server=f"127.0.0.1:{port}", token=token, ca=None, insecure=True,
+                connection=ConnectionSettings(server=f"127.0.0.1:{port}", token=token, insecure=not tls,
+                                              ca=TlsFiles(run_dir / "tls").ca_cert if tls else None,
                                               max_message_bytes=16 * MiB, give_up_after_s=300, max_backoff_s=1),
                 data=data, state_file=tmp / f"client-{i}.state", name=f"client-{i:03d}"))
                 for i, token in enumerate(tokens)]
@@ -256,32 +269,40 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="raw-stream repetitions (best is reported)")
     parser.add_argument("--raw-server", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--tls", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.raw_server is not None:
-        raw_server(args.raw_server, args.port_file)
+        raw_server(args.raw_server, args.port_file, args.tls)
         return
     with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        fedtune, payload = bench_fedtune(args.mib, args.clients, tmp)
-        raw = min((bench_raw(payload, tmp) for _ in range(args.repeats)), key=lambda r: r["seconds"])
-        disk = min((bench_disk(payload, tmp) for _ in range(args.repeats)), key=lambda r: r["seconds"])
-    size = len(payload)
-    print(f"update: {size / MiB:.1f} MiB (fedavg_lora rank {fedtune['rank']} on builtin:tiny-llama), "
-          f"{math.ceil(size / CHUNK)} chunks of {CHUNK // MiB} MiB, loopback, no TLS")
-    for name, result in (("fedclient -> fedserver", fedtune), ("raw grpcio stream", raw)):
-        print(f"{name:24s} {result['seconds']:7.2f} s  {size / MiB / result['seconds']:8.1f} MiB/s  "
-              f"server RSS +{result['rss_increase'] / MiB:7.1f} MiB while receiving "
-              f"({result['rss_increase'] / size:.2f}x the update), peak {result['rss_peak'] / MiB:.0f} MiB")
-    print(f"{'write + fsync, no network':24s} {disk['seconds']:7.2f} s  {size / MiB / disk['seconds']:8.1f} MiB/s")
-    print(f"server side: {fedtune['server_log'].split('accepted ', 1)[1]}")
-    print(f"throughput ratio fedtune/raw: {raw['seconds'] / fedtune['seconds']:.2f} (goal >= 0.8); "
-          f"fedtune/(write + fsync): {disk['seconds'] / fedtune['seconds']:.2f}")
-    print(f"fedserver RSS over the round of {args.clients} update(s), from {fedtune['rss_before'] / MiB:.0f} MiB after "
-          f"the instructions went out: peak +{fedtune['round_increase'] / MiB:.0f} MiB = "
-          f"{fedtune['round_increase'] / size:.2f}x one update (goal <= 3x); not file-backed: "
-          f"+{fedtune['round_increase_anonymous'] / MiB:.0f} MiB = {fedtune['round_increase_anonymous'] / size:.2f}x")
+        runs: dict[str, tuple[dict[str, Any], dict[str, float]]] = {}
+        for mode in ("plaintext", "TLS"):
+            tmp = Path(tmp_name) / mode
+            tmp.mkdir()
+            fedtune, payload = bench_fedtune(args.mib, args.clients, tmp, tls=mode == "TLS")
+            tls = tmp / "run" / "tls" if mode == "TLS" else None
+            raw = min((bench_raw(payload, tmp, tls) for _ in range(args.repeats)), key=lambda r: r["seconds"])
+            runs[mode] = fedtune, raw
+        disk = min((bench_disk(payload, Path(tmp_name)) for _ in range(args.repeats)), key=lambda r: r["seconds"])
+    plain, size = runs["plaintext"][0], len(payload)
+    print(f"update: {size / MiB:.1f} MiB (fedavg_lora rank {plain['rank']} on builtin:tiny-llama), "
+          f"{math.ceil(size / CHUNK)} chunks of {CHUNK // MiB} MiB, loopback")
+    for mode, (fedtune, raw) in runs.items():
+        for name, result in ((f"fedclient -> fedserver, {mode}", fedtune), (f"raw grpcio stream, {mode}", raw)):
+            print(f"{name:34s} {result['seconds']:7.2f} s  {size / MiB / result['seconds']:8.1f} MiB/s  "
+                  f"server RSS +{result['rss_increase'] / MiB:7.1f} MiB while receiving "
+                  f"({result['rss_increase'] / size:.2f}x the update), peak {result['rss_peak'] / MiB:.0f} MiB")
+    print(f"{'write + fsync, no network':34s} {disk['seconds']:7.2f} s  {size / MiB / disk['seconds']:8.1f} MiB/s")
+    for mode, (fedtune, raw) in runs.items():
+        print(f"server side, {mode}: {fedtune['server_log'].split('accepted ', 1)[1]}")
+        print(f"throughput ratio fedtune/raw, {mode}: {raw['seconds'] / fedtune['seconds']:.2f} (goal >= 0.8); "
+              f"fedtune/(write + fsync): {disk['seconds'] / fedtune['seconds']:.2f}")
+    print(f"fedserver RSS over the round of {args.clients} update(s) (plaintext), from {plain['rss_before'] / MiB:.0f} "
+          f"MiB after the instructions went out: peak +{plain['round_increase'] / MiB:.0f} MiB = "
+          f"{plain['round_increase'] / size:.2f}x one update (goal <= 3x); not file-backed: "
+          f"+{plain['round_increase_anonymous'] / MiB:.0f} MiB = {plain['round_increase_anonymous'] / size:.2f}x")
     print(f"fedserver peak RSS over the whole run (model, global state, aggregation, checkpoint): "
-          f"{fedtune['rss_peak_whole_run'] / MiB:.0f} MiB = {fedtune['rss_peak_whole_run'] / size:.2f}x the update")
+          f"{plain['rss_peak_whole_run'] / MiB:.0f} MiB = {plain['rss_peak_whole_run'] / size:.2f}x the update")
 
 
 if __name__ == "__main__":
