@@ -159,6 +159,8 @@ def main() -> None:
     parser.add_argument("--train-examples", type=int, default=2000)
     parser.add_argument("--eval-examples", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each, alternating (ABBA order)")
+    parser.add_argument("--timeout-s", type=float, default=900, help="a run that takes longer stops the benchmark "
+                                                                    "(raise it on a loaded machine)")
     parser.add_argument("--fedsim-run", nargs=2, metavar=("CONFIG_JSON", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--fedtune-flower-run", nargs=2, metavar=("CONFIG_JSON", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -191,7 +193,8 @@ def main() -> None:
             order = list(commands) if repeat % 2 == 0 else list(reversed(commands))  # ABBA against drift
             for name in order:
                 out = work / f"{name}-{repeat}"
-                peak = run_measured([*commands[name], str(out)], work / f"{name}-{repeat}.log", env=env, cwd=ROOT)
+                peak = run_measured([*commands[name], str(out)], work / f"{name}-{repeat}.log", env=env, cwd=ROOT,
+                                    timeout_s=args.timeout_s)
                 peaks[name].append(peak)
                 rows.setdefault(name, read_rows(out / "metrics.jsonl"))
                 print(f"{name} run {repeat + 1}: {peak.wall_s:.1f} s wall, {peak.cpu_s:.1f} s CPU, "
