@@ -36,6 +36,7 @@ from fedtune.strategies.api import (
 )
 from fedtune.strategies.fedavg_lora import FedAvgLoraClient, FedAvgLoraConfig, FedAvgLoraServer
 from fedtune.strategies.peft_lora import AdapterShape, LoraWorkspace, is_lora_a, is_lora_b, truncate
+from fedtune.strategies.runconfig import ConfigError
 
 RANK_SETTING = "lora.rank"
 DEPTH_SETTING = "lora.depth"
@@ -166,7 +167,7 @@ class HeterogeneousLoraServer(FedAvgLoraServer):
         capacity = self.config.capacity
         for shape in (*capacity.by_compute_class.values(), capacity.default, *capacity.candidates):
             if shape is not None and shape.depth is not None and shape.depth > layers:
-                raise ValueError(f"options.capacity: depth {shape.depth} is above the model's {layers} LoRA layers")
+                raise ConfigError(f"options.capacity: depth {shape.depth} is above the model's {layers} LoRA layers")
 
     # -- which shape each client trains ---------------------------------------------------------------
     def estimate_mb(self, shape: AdapterShape) -> dict[str, int]:

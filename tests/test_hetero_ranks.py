@@ -188,7 +188,7 @@ def test_the_memory_estimate_grows_with_rank_and_depth_and_counts_activations_of
 def test_the_policy_rejects_shapes_above_the_runs_rank_or_depth_at_config_time():
     with pytest.raises(ValueError, match=r"capacity.by_compute_class.phone.rank: 16 is above the run's rank 8"):
         hetero_config("hetlora", classes={"phone": {"rank": 16}})
-    with pytest.raises(ValueError, match="depth 5 is above the model's 2 LoRA layers"):
+    with pytest.raises(ConfigError, match="options.capacity: depth 5 is above the model's 2 LoRA layers"):
         build_federation(hetero_config("hetlora", classes={"phone": {"rank": 2, "depth": 5}}))
 
 
