@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -80,17 +81,17 @@ class LightClient:
         self.address = address
         self.metadata = (("authorization", f"Bearer {token}"),)
         self.name = name
-        self.retried = 0
+        self.retried: Counter[str] = Counter()  # "<method> <status> (<details>)" -> retries
         self.error: str | None = None
 
-    async def _retrying(self, call):
+    async def _retrying(self, method: str, call):
         for attempt in range(20):
             try:
                 return await call()
             except grpc.aio.AioRpcError as error:
                 if error.code() not in RETRYABLE or attempt == 19:
                     raise
-                self.retried += 1
+                self.retried[f"{method} {error.code().name} ({error.details()[:60]})"] += 1
                 await asyncio.sleep(min(2.0, 0.1 * 2 ** attempt))
 
     async def run(self, start: asyncio.Event, registering: asyncio.Semaphore) -> None:
@@ -100,18 +101,18 @@ class LightClient:
             try:
                 await start.wait()
                 async with registering:  # connects on this first call
-                    reply = await self._retrying(lambda: stub.Register(
+                    reply = await self._retrying("Register", lambda: stub.Register(
                         pb.RegisterRequest(protocol_version=PROTOCOL_VERSION, name=self.name),
                         metadata=self.metadata))
                 limits = Limits.from_proto(reply.limits)
                 while True:
-                    status, instruction = await self._retrying(lambda: self._pull(stub, limits))
+                    status, instruction = await self._retrying("PullInstruction", lambda: self._pull(stub, limits))
                     if status.kind == pb.PullStatus.DONE:
                         return
                     if instruction is not None:
                         update = ClientUpdate(client_id=reply.client_id, round=status.round, num_examples=1,
                                               tensors=instruction.tensors)
-                        await self._retrying(functools.partial(self._push, stub, update, limits))
+                        await self._retrying("PushUpdate", functools.partial(self._push, stub, update, limits))
             except Exception as error:  # noqa: BLE001 - a failed client is counted, not fatal
                 self.error = f"{type(error).__name__}: {error}"
 
@@ -203,7 +204,7 @@ def bench(clients: int, rounds: int, tmp: Path) -> dict[str, Any]:
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         return {"wall": wall, "server_cpu": user_after + system_after - user_before - system_before,
                 "server_system": system_after - system_before, "rss_peak": rss.peak,
-                "retried": sum(c.retried for c in light),
+                "retried": sum((c.retried for c in light), Counter()),
                 "failed": sum(c.error is not None for c in light), "accepted": [row["clients"] for row in metrics[1:]],
                 "rss_rounds": watcher.rss,
                 "errors": [c.error for c in light if c.error][:3]}
@@ -219,7 +220,7 @@ def main() -> None:
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # a socket per client here and in the server
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if hard < 2 * max(args.clients) + 1000:
+    if hard < max(args.clients) + 1000:
         print(f"warning: RLIMIT_NOFILE hard limit {hard} may be too low for {max(args.clients)} clients")
     with tempfile.TemporaryDirectory() as tmp_name:
         for clients in args.clients:
@@ -227,7 +228,8 @@ def main() -> None:
             print(f"{clients:5d} clients: {args.rounds} round(s) in {result['wall']:6.1f} s wall, updates aggregated "
                   f"per round {sorted(set(result['accepted']))}, server CPU {result['server_cpu']:.1f} s "
                   f"({result['server_system']:.1f} s system), server peak RSS {result['rss_peak'] / MiB:.0f} MiB, "
-                  f"retried RPCs {result['retried']}, failed clients {result['failed']}"
+                  f"retried RPCs {result['retried'].total()} {dict(result['retried'])}, "
+                  f"failed clients {result['failed']}"
                   + (f" (e.g. {result['errors']})" if result["errors"] else ""), flush=True)
             if args.rounds > 1 and len(result["rss_rounds"]) >= 2:
                 second, last = result["rss_rounds"][1], result["rss_rounds"][-1]

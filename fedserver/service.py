@@ -161,11 +161,9 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
 
 async def _next_message(messages: AsyncIterator[Any], idle_ms: int) -> Any | None:
     """The stream's next message, or None at its end; DEADLINE_EXCEEDED when the client sends nothing
-    for `idle_ms`, so a stalled upload cannot hold its payload file (and its slot) forever. (A timeout
-    scope, not asyncio.wait_for, which on Python 3.11 runs each read as a task of its own.)"""
+    for `idle_ms`, so a stalled upload cannot hold its payload file (and its slot) forever."""
     try:
-        async with asyncio.timeout(idle_ms / 1000):
-            return await anext(messages)
+        return await asyncio.wait_for(anext(messages), idle_ms / 1000)
     except StopAsyncIteration:
         return None
     except TimeoutError:
