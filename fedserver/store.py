@@ -23,6 +23,7 @@ server writes.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import sqlite3
@@ -232,6 +233,39 @@ class RunStore:
             # only an OS crash or power loss can drop the last commits.
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a run dir an earlier fedtune wrote to this layout, so that it resumes: payload-file rows
+        without the inline `data` column get it; a strategy state kept as a blob (`strategy_state`) moves
+        to its file, and updates kept as rows of tensors (`updates` + `update_tensors`) become inline
+        payloads (the same bytes in header order, now with their SHA-256)."""
+        if "data" not in {column for _, column, *_ in self.db.execute("PRAGMA table_info(accepted_updates)")}:
+            with self.db:
+                self.db.execute("ALTER TABLE accepted_updates ADD COLUMN data BLOB")
+        tables = {name for (name,) in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "strategy_state" in tables:
+            latest = self.db.execute("SELECT round, state FROM strategy_state ORDER BY round DESC LIMIT 1").fetchone()
+            if latest is not None:
+                state_file, digest = self._save_state(latest[0], torch.load(io.BytesIO(latest[1]), weights_only=True))
+                with self.db:
+                    self.db.execute("INSERT OR REPLACE INTO strategy_states (round, file, sha256) VALUES (?, ?, ?)",
+                                    (latest[0], state_file, digest))
+            with self.db:
+                self.db.execute("DROP TABLE strategy_state")
+        if "updates" in tables:
+            rows = self.db.execute("SELECT round, client_id, seq, header, wire_bytes FROM updates").fetchall()
+            with self.db:
+                for round, client_id, seq, header, wire_bytes in rows:
+                    data = b"".join(blob for (blob,) in self.db.execute(
+                        "SELECT data FROM update_tensors WHERE round = ? AND client_id = ? ORDER BY idx",
+                        (round, client_id)))
+                    self.db.execute(
+                        "INSERT INTO accepted_updates (round, client_id, seq, header, wire_bytes, payload, "
+                        "payload_bytes, sha256, data) VALUES (?, ?, ?, ?, ?, '', ?, ?, ?)",
+                        (round, client_id, seq, header, wire_bytes, len(data), hashlib.sha256(data).hexdigest(), data))
+                self.db.execute("DROP TABLE updates")
+                self.db.execute("DROP TABLE IF EXISTS update_tensors")
 
     def close(self) -> None:
         self.db.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
 import os
 import re
@@ -26,7 +27,7 @@ import torch
 from fedtune.fedserver.coordinator import PollKind
 from fedtune.fedserver.store import INLINE_PAYLOAD_BYTES, PAYLOAD_DIR, CorruptPayload, RunStore
 from fedtune.protos import fedtune_pb2 as pb
-from fedtune.protos.payload import tensor_bytes
+from fedtune.protos.payload import header_tensor, tensor_bytes
 from fedtune.protos.wire import serializer
 from fedtune.strategies.api import ClientUpdate
 from tests.test_lifecycle import scenario, server_config, started, stop, until, update
@@ -103,6 +104,65 @@ def test_a_light_update_is_committed_inside_its_row_and_comes_back_bit_identical
     db = sqlite3.connect(tmp_path / "state.sqlite")  # another connection: committed
     assert db.execute("SELECT data, sha256 FROM accepted_updates").fetchall() == [
         (wire, hashlib.sha256(wire).hexdigest())]
+
+
+# The store's layout before payload files (strategy state and update tensors as SQLite blobs), as an earlier
+# fedtune wrote it; and the payload-file layout before light updates went inline (no `data` column).
+BLOB_LAYOUT = """
+CREATE TABLE strategy_state (round INTEGER PRIMARY KEY, state BLOB NOT NULL);
+CREATE TABLE updates (round INTEGER NOT NULL, client_id TEXT NOT NULL, seq INTEGER NOT NULL, header BLOB NOT NULL,
+    wire_bytes INTEGER NOT NULL, PRIMARY KEY (round, client_id));
+CREATE TABLE update_tensors (round INTEGER NOT NULL, client_id TEXT NOT NULL, idx INTEGER NOT NULL,
+    data BLOB NOT NULL, PRIMARY KEY (round, client_id, idx));
+"""
+FILE_LAYOUT = """
+CREATE TABLE accepted_updates (round INTEGER NOT NULL, client_id TEXT NOT NULL, seq INTEGER NOT NULL,
+    header BLOB NOT NULL, wire_bytes INTEGER NOT NULL, payload TEXT NOT NULL, payload_bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL, PRIMARY KEY (round, client_id));
+"""
+
+
+def test_a_run_dir_in_the_blob_layout_resumes_with_its_state_and_updates(tmp_path: Path):
+    sent = mixed_update("a", 3)
+    header = pb.ClientUpdate(client_id="a", round=3, num_examples=2, metrics={"train_loss": 0.5},
+                             tensors=[header_tensor(name, tensor) for name, tensor in sent.tensors.items()])
+    db = sqlite3.connect(tmp_path / "state.sqlite")
+    db.executescript(BLOB_LAYOUT)
+    state = {"global_tensors": {"w": torch.arange(6.0).reshape(2, 3)}}
+    for round in (1, 2):  # an older state too: only the newest is kept
+        buffer = io.BytesIO()
+        torch.save({"global_tensors": {"w": state["global_tensors"]["w"] * round}}, buffer)
+        db.execute("INSERT INTO strategy_state VALUES (?, ?)", (round, buffer.getvalue()))
+    db.execute("INSERT INTO updates VALUES (3, 'a', 0, ?, 99)", (header.SerializeToString(),))
+    db.executemany("INSERT INTO update_tensors VALUES (3, 'a', ?, ?)",
+                   [(index, bytes(tensor_bytes(tensor))) for index, tensor in enumerate(sent.tensors.values())])
+    db.commit()
+    db.close()
+
+    store = RunStore(tmp_path / "state.sqlite")
+    round, loaded = store.latest_state()
+    assert round == 2 and torch.equal(loaded["global_tensors"]["w"], state["global_tensors"]["w"] * 2)
+    [(back, wire_bytes)] = store.load_updates(3)
+    assert (wire_bytes, back.client_id, back.round, back.metrics) == (99, "a", 3, {"train_loss": 0.5})
+    for name, tensor in sent.tensors.items():
+        assert back.tensors[name].dtype == tensor.dtype and torch.equal(back.tensors[name], tensor)
+    tables = {name for (name,) in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert not tables & {"strategy_state", "updates", "update_tensors"}
+    store.close()
+    assert RunStore(tmp_path / "state.sqlite").load_updates(3)[0][1] == 99  # opened again: nothing left to move
+
+
+def test_a_run_dir_from_before_inline_payloads_gets_the_column_and_keeps_its_files(tmp_path: Path):
+    db = sqlite3.connect(tmp_path / "state.sqlite")
+    db.executescript(FILE_LAYOUT)
+    db.close()
+    store = RunStore(tmp_path / "state.sqlite")
+    sent = mixed_update("a", 1)
+    store.save_update(sent, wire_bytes=5)  # a payload file, as before
+    store.save_update(light_update("b", 1), wire_bytes=6)  # inline, in the added column
+    loaded = {update.client_id: update for update, _ in store.load_updates(1)}
+    assert torch.equal(loaded["a"].tensors["big"], sent.tensors["big"]) and len(payload_files(tmp_path)) == 1
+    assert torch.equal(loaded["b"].tensors["w"], sent.tensors["w"])
 
 
 def test_updates_accepted_together_share_one_durable_commit(tmp_path: Path, monkeypatch):
