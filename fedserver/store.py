@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import sqlite3
 import time
 import uuid
@@ -247,7 +248,12 @@ class RunStore:
         if "strategy_state" in tables:
             latest = self.db.execute("SELECT round, state FROM strategy_state ORDER BY round DESC LIMIT 1").fetchone()
             if latest is not None:
-                state_file, digest = self._save_state(latest[0], torch.load(io.BytesIO(latest[1]), weights_only=True))
+                try:
+                    state = torch.load(io.BytesIO(latest[1]), weights_only=True)
+                except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+                    raise CorruptPayload(f"{self.path}: the strategy state after round {latest[0]} (table "
+                                         f"strategy_state, an earlier layout) cannot be read: {error}") from error
+                state_file, digest = self._save_state(latest[0], state)
                 with self.db:
                     self.db.execute("INSERT OR REPLACE INTO strategy_states (round, file, sha256) VALUES (?, ?, ?)",
                                     (latest[0], state_file, digest))

@@ -152,6 +152,19 @@ def test_a_run_dir_in_the_blob_layout_resumes_with_its_state_and_updates(tmp_pat
     assert RunStore(tmp_path / "state.sqlite").load_updates(3)[0][1] == 99  # opened again: nothing left to move
 
 
+def test_a_damaged_state_blob_in_the_blob_layout_is_named_and_left_in_place(tmp_path: Path):
+    db = sqlite3.connect(tmp_path / "state.sqlite")
+    db.executescript(BLOB_LAYOUT)
+    db.execute("INSERT INTO strategy_state VALUES (4, ?)", (b"not a torch.save archive",))
+    db.commit()
+    db.close()
+    with pytest.raises(CorruptPayload, match="strategy state after round 4 .*cannot be read"):
+        RunStore(tmp_path / "state.sqlite")
+    tables = {name for (name,) in sqlite3.connect(tmp_path / "state.sqlite").execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "strategy_state" in tables  # nothing dropped: the blob is still there to be looked at
+
+
 def test_a_run_dir_from_before_inline_payloads_gets_the_column_and_keeps_its_files(tmp_path: Path):
     db = sqlite3.connect(tmp_path / "state.sqlite")
     db.executescript(FILE_LAYOUT)
