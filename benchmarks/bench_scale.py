@@ -34,10 +34,9 @@ import grpc
 import psutil
 from bench_transport import BIN, RssSampler  # run as a script: benchmarks/ is on sys.path
 
-from fedtune.fedclient.connection import RETRYABLE
+from fedtune.fedclient.connection import RETRYABLE, FederationStub
 from fedtune.fedserver.cli import main as fedserver_main
 from fedtune.protos import fedtune_pb2 as pb
-from fedtune.protos import fedtune_pb2_grpc as rpc
 from fedtune.protos.limits import Limits
 from fedtune.protos.payload import PROTOCOL_VERSION, PayloadReader, instruction_from_stream, update_messages
 from fedtune.strategies.api import ClientUpdate
@@ -97,7 +96,7 @@ class LightClient:
     async def run(self, start: asyncio.Event, registering: asyncio.Semaphore) -> None:
         options = [("grpc.max_receive_message_length", 16 * MiB), ("grpc.max_send_message_length", 16 * MiB)]
         async with grpc.aio.insecure_channel(self.address, options=options) as channel:
-            stub = rpc.FederationStub(channel)
+            stub = FederationStub(channel)  # fedclient's payload-stream encoding, on a grpc.aio channel
             try:
                 await start.wait()
                 async with registering:  # connects on this first call

@@ -52,6 +52,7 @@ from fedtune.fedserver.metrics import MetricsLog, RoundMetrics
 from fedtune.fedserver.store import CorruptPayload, Payload, RunStore
 from fedtune.fedserver.tracking import tracking_for
 from fedtune.strategies.api import ClientUpdate, DeviceProfile, Instruction, Refusal, Refused
+from fedtune.strategies.mapped import release
 from fedtune.tasks.data import TokenDataset, encode, load_records, split_holdout
 from fedtune.tasks.models import load_model
 
@@ -256,7 +257,10 @@ class Coordinator:
         state.bytes_down = interrupted.bytes_down
         for stored in self.store.stored_updates(interrupted.round):
             try:
-                self.engine.submit(self.store.load_update(stored), stored.wire_bytes)
+                update = self.store.load_update(stored)
+                self.engine.submit(update, stored.wire_bytes)
+                for tensor in update.tensors.values():
+                    release(tensor)  # hashed and checked: its mapped pages can go until aggregation
             except Refused as refused:
                 log.warning("resume: stored update no longer valid, dropped: %s", refused)
                 self.store.drop_update(stored)

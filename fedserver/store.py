@@ -41,10 +41,12 @@ import torch
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos.payload import header_tensor, payload_tensors, tensor_bytes
 from fedtune.strategies.api import ClientUpdate, DeviceProfile
+from fedtune.strategies.mapped import map_file
 
 PAYLOAD_DIR = "updates"
 PAYLOAD_SUFFIX = ".payload"
 INLINE_PAYLOAD_BYTES = 16 << 10
+WRITEBACK_BYTES = 8 << 20  # a payload file's disk writes start once this much is written, not at its fsync
 STATE_DIR = "state"
 
 SCHEMA = """
@@ -100,26 +102,38 @@ def _fsync_path(path: Path) -> None:
 
 class PayloadFile:
     """One update's payload bytes in a file of its own, appended as they arrive (straight from the
-    received chunks, no reassembly in memory); `sync` makes them durable. One writer at a time."""
+    received chunks, no reassembly in memory); `sync` makes them durable. One writer at a time.
+
+    The disk writes start while the stream is still arriving (every WRITEBACK_BYTES, where the OS
+    offers it), so that the fsync before OK waits for the last few MiB rather than for the whole
+    update: on this project's VM that fsync alone was ~0.45 s for 256 MiB."""
 
     def __init__(self, path: Path):
         self.path = path
         self.size = 0
         self.sha256 = ""  # hex, set by `sync`: the digest the payload stream's trailer carried
         self.handed_over = False  # the receiver passed it on to be accepted (and removed if it is not)
-        self._file = open(path, "xb")
+        self._file = open(path, "xb", buffering=0)  # chunks are large: no buffer to copy them through
+        self._written_back = 0  # the offset up to which disk writes were started
 
     @property
     def name(self) -> str:
         return self.path.name
 
     def write(self, chunk: bytes | memoryview) -> None:
-        self._file.write(chunk)
-        self.size += len(chunk)
+        view = memoryview(chunk).cast("B")
+        self.size += view.nbytes
+        while view:  # a raw file may write less than asked
+            view = view[self._file.write(view):]
+        if self.size - self._written_back >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
+            # On DONTNEED, Linux starts writing the range's dirty pages back; pages still being written
+            # stay cached, and nothing that is not on disk yet is ever dropped.
+            os.posix_fadvise(self._file.fileno(), self._written_back, self.size - self._written_back,
+                             os.POSIX_FADV_DONTNEED)
+            self._written_back = self.size
 
     def sync(self, sha256: bytes) -> None:
         """fsync the file and its directory: after this, the payload survives a crash of the host."""
-        self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         _fsync_path(self.path.parent)
@@ -129,7 +143,7 @@ class PayloadFile:
         self._file.close()
 
     def map(self) -> torch.Tensor:
-        return _mapped(self.path, self.size)
+        return map_file(self.path, self.size)
 
 
 class InlinePayload:
@@ -164,15 +178,6 @@ Payload = PayloadFile | InlinePayload
 def _buffer_tensor(data: bytearray) -> torch.Tensor:
     """`data` as a uint8 tensor sharing its memory."""
     return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-
-
-def _mapped(path: Path, size: int) -> torch.Tensor:
-    """A payload file's bytes (uint8) mapped copy-on-write: tensors over them are read from the page
-    cache on use (the server's heap never holds the update), a strategy writing into one changes its
-    own copy of the page, never the file, and no file descriptor stays open per update."""
-    if size == 0:
-        return torch.empty(0, dtype=torch.uint8)  # an empty file cannot be mapped
-    return torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -549,7 +554,7 @@ class RunStore:
             if size != stored.payload_bytes:
                 raise CorruptPayload(f"{what} holds {size} bytes, {stored.payload_bytes} were accepted (truncated or "
                                      "overwritten)")
-            data = _mapped(path, size)
+            data = map_file(path, size)
         digest = hashlib.sha256(data.numpy().data).hexdigest()
         if digest != stored.sha256:
             raise CorruptPayload(f"{what}: its SHA-256 is {digest}, the accepted update's was {stored.sha256} (the "

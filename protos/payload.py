@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos.convert import DTYPE_NAMES, DTYPES, instruction_from_proto, instruction_to_proto
 from fedtune.protos.limits import Limits
+from fedtune.protos.wire import DataChunk
 from fedtune.strategies.api import ClientUpdate, Instruction, TensorMap
 
 PROTOCOL_VERSION = 1
@@ -70,8 +71,10 @@ def header_tensor(name: str, tensor: torch.Tensor) -> pb.Tensor:
 
 
 def payload_chunks(tensors: Iterable[torch.Tensor], chunk_bytes: int, hasher: Any,
-                   progress: ProgressCallback | None = None) -> Iterator[bytes]:
-    """The tensors' bytes concatenated and cut into chunks of at most `chunk_bytes`; feeds `hasher`."""
+                   progress: ProgressCallback | None = None) -> Iterator[bytes | memoryview]:
+    """The tensors' bytes concatenated and cut into chunks of at most `chunk_bytes`; feeds `hasher`.
+    A chunk that lies within one tensor is a view of its memory (no copy: the tensors must not change
+    until the stream is sent); one that spans tensors is joined."""
     views = [tensor_bytes(tensor) for tensor in tensors]
     total = sum(view.nbytes for view in views)
     pending: list[memoryview] = []
@@ -84,7 +87,7 @@ def payload_chunks(tensors: Iterable[torch.Tensor], chunk_bytes: int, hasher: An
             pending_bytes += piece.nbytes
             start += piece.nbytes
             if pending_bytes == chunk_bytes:
-                chunk = b"".join(pending)
+                chunk = pending[0] if len(pending) == 1 else b"".join(pending)
                 hasher.update(chunk)
                 sent += len(chunk)
                 yield chunk
@@ -92,7 +95,7 @@ def payload_chunks(tensors: Iterable[torch.Tensor], chunk_bytes: int, hasher: An
                     progress(sent, total)
                 pending, pending_bytes = [], 0
     if pending_bytes:
-        chunk = b"".join(pending)
+        chunk = pending[0] if len(pending) == 1 else b"".join(pending)
         hasher.update(chunk)
         yield chunk
         if progress:
@@ -100,8 +103,9 @@ def payload_chunks(tensors: Iterable[torch.Tensor], chunk_bytes: int, hasher: An
 
 
 def update_messages(update: ClientUpdate, chunk_bytes: int,
-                    progress: ProgressCallback | None = None) -> Iterator[pb.UpdateMessage]:
-    """A ClientUpdate as the PushUpdate stream: header, data chunks, sha256."""
+                    progress: ProgressCallback | None = None) -> Iterator[pb.UpdateMessage | DataChunk]:
+    """A ClientUpdate as the PushUpdate stream: header, data chunks, sha256 (send it with
+    `wire.serializer`, which encodes a DataChunk)."""
     header = pb.ClientUpdate(
         client_id=update.client_id, round=update.round, num_examples=update.num_examples,
         tensors=[header_tensor(name, tensor) for name, tensor in update.tensors.items()],
@@ -110,19 +114,20 @@ def update_messages(update: ClientUpdate, chunk_bytes: int,
     yield pb.UpdateMessage(header=header)
     hasher = hashlib.sha256()
     for chunk in payload_chunks(update.tensors.values(), chunk_bytes, hasher, progress):
-        yield pb.UpdateMessage(data=chunk)
+        yield DataChunk(chunk)
     yield pb.UpdateMessage(sha256=hasher.digest())
 
 
-def instruction_messages(instruction: Instruction, chunk_bytes: int) -> Iterator[pb.InstructionMessage]:
-    """An Instruction as the payload part of a PullInstruction stream: header, data chunks, sha256."""
+def instruction_messages(instruction: Instruction, chunk_bytes: int) -> Iterator[pb.InstructionMessage | DataChunk]:
+    """An Instruction as the payload part of a PullInstruction stream: header, data chunks, sha256 (send
+    it with `wire.serializer`)."""
     header = instruction_to_proto(Instruction(round=instruction.round, settings=instruction.settings,
                                               reply=instruction.reply))
     header.tensors.extend(header_tensor(name, tensor) for name, tensor in instruction.tensors.items())
     yield pb.InstructionMessage(header=header)
     hasher = hashlib.sha256()
     for chunk in payload_chunks(instruction.tensors.values(), chunk_bytes, hasher):
-        yield pb.InstructionMessage(data=chunk)
+        yield DataChunk(chunk)
     yield pb.InstructionMessage(sha256=hasher.digest())
 
 

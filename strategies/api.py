@@ -30,6 +30,7 @@ from fedtune.strategies.definition import DeviceProfile as DeviceProfile  # re-e
 from fedtune.strategies.definition import RunContext as RunContext
 from fedtune.strategies.definition import StrategyConfig as StrategyConfig
 from fedtune.strategies.definition import StrategyDefinition as StrategyDefinition
+from fedtune.strategies.mapped import release
 from fedtune.tasks.data import TokenDataset
 from fedtune.tasks.evaluation import evaluate
 
@@ -245,6 +246,7 @@ def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> 
     accumulator = torch.zeros(tensors[0].shape, dtype=torch.float64)
     for tensor, weight in zip(tensors, weights, strict=False):
         accumulator += tensor.to(torch.float64) * (weight / total)
+        release(tensor)  # a mapped update's pages (on the server) are not needed again
     return accumulator.to(tensors[0].dtype)
 
 

@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from fedtune.fedclient.client import FederatedClient
+from fedtune.fedclient.connection import FederationStub
 from fedtune.fedserver.store import RunStore
 from fedtune.protos import fedtune_pb2 as pb
-from fedtune.protos import fedtune_pb2_grpc as rpc
 from fedtune.protos.payload import update_messages
 from fedtune.strategies.api import ClientUpdate
 from tests.test_transport import (
@@ -54,7 +54,7 @@ class Hostile:
 
     server: Server
     mallory: FederatedClient
-    stub: rpc.FederationStub
+    stub: FederationStub  # fedclient's: it encodes the DataChunks update_messages yields
     auth: tuple[tuple[str, str], ...]
 
     def open_round(self) -> ClientUpdate:
@@ -126,7 +126,7 @@ def hostile(tmp_path_factory) -> Iterator[Hostile]:
     mallory = in_process_client(server, tmp, "mallory", files["client-001"], tokens[1])
     mallory.register()
     channel = grpc.insecure_channel(server.address)
-    yield Hostile(server, mallory, rpc.FederationStub(channel), (("authorization", f"Bearer {tokens[1]}"),))
+    yield Hostile(server, mallory, FederationStub(channel), (("authorization", f"Bearer {tokens[1]}"),))
     channel.close()
     mallory.close()
     for process in (good, server.process):

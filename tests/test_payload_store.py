@@ -28,7 +28,6 @@ from fedtune.fedserver.coordinator import PollKind
 from fedtune.fedserver.store import INLINE_PAYLOAD_BYTES, PAYLOAD_DIR, CorruptPayload, RunStore
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos.payload import header_tensor, tensor_bytes
-from fedtune.protos.wire import serializer
 from fedtune.strategies.api import ClientUpdate
 from tests.test_lifecycle import scenario, server_config, started, stop, until, update
 from tests.test_transport import (
@@ -377,14 +376,6 @@ def test_loaded_updates_hold_no_file_descriptor_each(tmp_path: Path):
     before = process.num_fds()
     loaded = store.load_updates(1)
     assert len(loaded) == 50 and process.num_fds() <= before + 2
-
-
-@pytest.mark.parametrize("message_type", [pb.UpdateMessage, pb.InstructionMessage])
-def test_data_chunks_encoded_directly_are_the_bytes_protobuf_would_send(message_type):
-    encode = serializer(message_type)
-    for message in (message_type(data=bytes(range(256)) * 8192), message_type(data=b""), message_type(data=b"x" * 200),
-                    message_type(sha256=b"d" * 32), message_type(header={})):
-        assert encode(message) == message.SerializeToString()
 
 
 def test_the_strategy_state_is_a_file_of_its_own_checked_by_its_digest(tmp_path: Path):

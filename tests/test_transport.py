@@ -30,11 +30,10 @@ import torch
 from safetensors.torch import load_file
 
 from fedtune.fedclient.client import ClientSettings, FederatedClient
-from fedtune.fedclient.connection import ConnectionSettings, FatalError
+from fedtune.fedclient.connection import ConnectionSettings, FatalError, FederationStub
 from fedtune.fedserver.cli import main as fedserver_main
 from fedtune.fedserver.store import RunStore
 from fedtune.protos import fedtune_pb2 as pb
-from fedtune.protos import fedtune_pb2_grpc as rpc
 from fedtune.protos.payload import header_tensor, update_messages
 from fedtune.simulations.config import SimulationConfig
 from fedtune.simulations.runner import run_simulation
@@ -522,7 +521,7 @@ def test_each_bad_input_gets_its_status_and_the_round_goes_on(guarded_server):
     instruction = pull_instruction(mallory, 1)
     channel = grpc.secure_channel(server.address, grpc.ssl_channel_credentials(
         (server.run_dir / "tls" / "ca.pem").read_bytes()))
-    stub = rpc.FederationStub(channel)
+    stub = FederationStub(channel)
     auth = (("authorization", f"Bearer {tokens[1]}"),)
     valid = ClientUpdate(client_id="mallory", round=1, num_examples=10, tensors=instruction.tensors)
     first = next(iter(valid.tensors))
