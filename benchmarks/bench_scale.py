@@ -3,11 +3,11 @@
     .venv/bin/python benchmarks/bench_scale.py [--clients 100 1000] [--rounds 1]
 
 The server is the real `fedserver` process (fedavg_lora, LoRA rank 1 on the tiny model: an 8.5 KiB
-update). Each light client is a thread with its own gRPC channel (its own TCP connection) speaking
-the protocol through the fedclient library's Connection and payload streams: Register, long-poll
+update). Each light client speaks the protocol as a device does, minus the model: Register, long-poll
 PullInstruction, PushUpdate (the instruction's tensors sent back: a valid update, no training),
 then poll until DONE. The light clients are coroutines on one grpc.aio event loop in this process,
-each with its own channel (its own TCP connection), so the harness stays cheap; at most
+each with its own channel and its own TCP connection (gRPC would otherwise share one connection
+among all channels of a process with the same target), so the harness stays cheap; at most
 REGISTERING of them connect and register at once. Reported per N: wall time from the first Register
 to the last client hearing DONE, the server's CPU time (and its system part) and peak RSS, retried
 RPCs and failed clients; with --rounds > 1 also the server's RSS as each round ended and its growth
@@ -94,7 +94,10 @@ class LightClient:
                 await asyncio.sleep(min(2.0, 0.1 * 2 ** attempt))
 
     async def run(self, start: asyncio.Event, registering: asyncio.Semaphore) -> None:
-        options = [("grpc.max_receive_message_length", 16 * MiB), ("grpc.max_send_message_length", 16 * MiB)]
+        # A channel of its own is not a connection of its own: gRPC shares one subchannel (one TCP connection)
+        # among all channels of a process with the same target and arguments, unless each has a local pool.
+        options = [("grpc.max_receive_message_length", 16 * MiB), ("grpc.max_send_message_length", 16 * MiB),
+                   ("grpc.use_local_subchannel_pool", 1)]
         async with grpc.aio.insecure_channel(self.address, options=options) as channel:
             stub = FederationStub(channel)  # fedclient's payload-stream encoding, on a grpc.aio channel
             try:

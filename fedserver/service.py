@@ -64,6 +64,11 @@ OFFLOAD_BYTES = 256 << 10  # a data chunk at least this large is hashed and writ
 INSTRUCTION_BYTES = serializer(pb.InstructionMessage)
 CACHED_INSTRUCTION_BYTES = 1 << 20  # an instruction payload up to this size is encoded once, for every client
 CACHED_INSTRUCTIONS = 16
+# Arrived RPCs that gRPC core holds until grpc.aio takes them. Its defaults (1000, then random drops up to 3000,
+# then all) are too small here: grpc.aio takes one call per event-loop turn (one call request outstanding for all
+# generic handlers), so when thousands of clients call at once (e.g. all pulling as one group commit acknowledges
+# their updates) core drops the excess as CANCELLED without details, before any handler runs or anything is logged.
+MAX_PENDING_RPCS = 1 << 16
 STATUS_CODES: dict[Refusal, grpc.StatusCode] = {
     Refusal.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     Refusal.NOT_REGISTERED: grpc.StatusCode.NOT_FOUND,
@@ -438,6 +443,8 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
         ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.server.max_pending_requests", MAX_PENDING_RPCS),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_RPCS),
     ]
 
 

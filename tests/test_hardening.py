@@ -9,10 +9,12 @@ open; the next test simply continues that round (mallory pulls the same instruct
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -259,3 +261,25 @@ def test_an_update_claiming_more_than_max_num_examples_is_refused(hostile: Hosti
                     rf"ClientUpdate\.num_examples: {MAX_EXAMPLES + 1}, over the limit max_num_examples={MAX_EXAMPLES}",
                     [pb.UpdateMessage(header=header)])
     hostile.finish_round(valid.model_copy(update={"num_examples": MAX_EXAMPLES}))  # the limit itself is fine
+
+
+BURST = 5000
+
+
+def test_a_burst_of_thousands_of_calls_is_answered_none_dropped(hostile: Hostile):
+    """gRPC core holds arrived calls until grpc.aio takes them, one per event-loop turn, and by default
+    drops those past 1,000 waiting as CANCELLED, with no details, before any handler runs. Thousands of
+    devices do call at once (all pulling as one group commit acknowledges their updates): each must get
+    its answer, here UNAUTHENTICATED for a forged token."""
+    async def burst() -> Counter[str]:
+        async with grpc.aio.insecure_channel(hostile.server.address) as channel:
+            heartbeat = channel.unary_unary("/fedtune.v1.Federation/Heartbeat",
+                                            request_serializer=pb.HeartbeatRequest.SerializeToString,
+                                            response_deserializer=pb.HeartbeatReply.FromString)
+            forged = (("authorization", "Bearer forged"),)
+            replies = await asyncio.gather(*(heartbeat(pb.HeartbeatRequest(), metadata=forged, timeout=120)
+                                             for _ in range(BURST)), return_exceptions=True)
+        return Counter(reply.code().name if isinstance(reply, grpc.aio.AioRpcError) else type(reply).__name__
+                       for reply in replies)
+
+    assert asyncio.run(burst()) == Counter({"UNAUTHENTICATED": BURST})
