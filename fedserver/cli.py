@@ -214,6 +214,15 @@ def _start(args: argparse.Namespace) -> int:
                          "(--insecure) would send enrollment tokens and model updates unencrypted: listen on "
                          "loopback only (--host 127.0.0.1), drop --insecure to use TLS, or, to serve plaintext "
                          "beyond this machine anyway, pass --insecure-any-host (server.allow_insecure_remote = true)")
+    from fedtune.fedserver.store import CorruptPayload
+
+    try:
+        return _serve(args, config)
+    except CorruptPayload as error:  # the strategy state a resume needs; a damaged update is only dropped
+        raise UsageError(f"{config.run_dir()}: the stored run is damaged and cannot be resumed: {error}") from error
+
+
+def _serve(args: argparse.Namespace, config: ServerConfig) -> int:
     from fedtune.fedserver.store import RunStore
 
     run_dir = config.run_dir()

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from fedtune.fedserver.coordinator import PollKind
-from fedtune.fedserver.store import INLINE_PAYLOAD_BYTES, PAYLOAD_DIR, CorruptPayload, RunStore
+from fedtune.fedserver.store import INLINE_PAYLOAD_BYTES, PAYLOAD_DIR, STATE_DIR, CorruptPayload, RunStore
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos.payload import header_tensor, tensor_bytes
 from fedtune.strategies.api import ClientUpdate
@@ -355,7 +355,18 @@ def test_a_server_killed_between_payload_fsync_and_commit_loses_nothing_accepted
     assert [stored.client_id for stored in store.stored_updates(1)] == ["client-000"]
     store.close()
 
-    server = start([str(Path(sys.executable).parent / "fedserver")], resume=True)
+    fedserver = str(Path(sys.executable).parent / "fedserver")
+    [state_file] = (run_dir / STATE_DIR).iterdir()  # the initial state: round 1 never completed
+    intact = state_file.read_bytes()
+    state_file.write_bytes(intact[:-1] + bytes([intact[-1] ^ 1]))
+    refused = subprocess.run([fedserver, "start", "--config", str(tmp_path / "server.toml"), "--resume"],
+                             capture_output=True, text=True, env=ENV, timeout=120)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert re.search(r"the stored run is damaged and cannot be resumed: strategy state file .* its SHA-256 is",
+                     refused.stderr), refused.stderr[-3000:]
+    state_file.write_bytes(intact)
+
+    server = start([fedserver], resume=True)
     retrying.join(120)
     assert pushed == [True]
     assert kept.run() == "all 1 rounds completed" and victim.run() == "all 1 rounds completed"
