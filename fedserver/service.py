@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import json
 import logging
 import math
@@ -167,19 +168,6 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
     log.exception("internal error", exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL,
                         status_details(f"internal error (see the server log): {type(error).__name__}: {error}"))
-
-
-async def _next_message(messages: AsyncIterator[Any], idle_ms: int) -> Any | None:
-    """The stream's next message, or None at its end; DEADLINE_EXCEEDED when the client sends nothing
-    for `idle_ms`, so a stalled upload cannot hold its payload file (and its slot) forever."""
-    try:
-        return await asyncio.wait_for(anext(messages), idle_ms / 1000)
-    except StopAsyncIteration:
-        return None
-    except TimeoutError:
-        raise PayloadError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                           f"PushUpdate stream: no message for {idle_ms} ms, the limit upload_idle_ms={idle_ms}; "
-                           "the upload is cancelled") from None
 
 
 def _unary(handler):
@@ -371,7 +359,7 @@ class FederationService:
         loop = asyncio.get_running_loop()
         feeding: asyncio.Future[None] | None = None  # the previous chunk, still being hashed and written
         try:
-            while (received := await _next_message(messages, self.limits.upload_idle_ms)) is not None:
+            while (received := await self._next_message(messages)) is not None:
                 message, size = received
                 message = _parsed(message)
                 wire_bytes += size
@@ -407,6 +395,19 @@ class FederationService:
                                       payload=payload)
         release(data)  # checked and stored: its pages can go until aggregation reads them again
         return pb.PushReply(round=update.round, payload_bytes=reader.received)
+
+    async def _next_message(self, messages: AsyncIterator[Any]) -> Any | None:
+        """The stream's next message, or None at its end; DEADLINE_EXCEEDED when the client sends nothing
+        for upload_idle_ms, so a stalled upload cannot hold its payload file (and its slot) forever. A
+        timeout scope rather than asyncio.wait_for, which starts a task per message (~20 µs against ~6)."""
+        idle_ms = self.limits.upload_idle_ms
+        try:
+            async with asyncio.timeout(idle_ms / 1000):
+                return await anext(messages, None)
+        except TimeoutError:
+            raise PayloadError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"PushUpdate stream: no message for {idle_ms} ms, the limit upload_idle_ms={idle_ms}; "
+                               "the upload is cancelled") from None
 
     @contextlib.contextmanager
     def _upload_slot(self, client_id: str) -> Iterator[None]:
@@ -470,6 +471,10 @@ async def serve(config: ServerConfig, store: RunStore, resume: bool, announce: C
     """Build the run, listen, run every round, linger, stop. Returns why the run ended."""
     coordinator = Coordinator(config, store)
     await coordinator.prepare(resume)
+    # What exists now (torch, transformers, the model: ~420,000 objects) lives as long as the server.
+    # Frozen, the collector no longer walks it at every full collection: garbage collection took
+    # 1.05 s of CPU in a round of 1,000 light clients, 0.35 s after this.
+    gc.freeze()
     server = grpc.aio.server(options=server_options(config))
     service = FederationService(coordinator, config)
     server.add_generic_rpc_handlers((service.handler(),))

@@ -229,6 +229,7 @@ class RunStore:
         self.state_dir = path.parent / STATE_DIR
         self._writing: set[str] = set()  # payload files being received or awaiting their commit: not orphans
         self._uncommitted = False  # accepted updates saved, waiting for `commit_updates`
+        self._rows: int | None = None  # accepted_updates' row count, known since the last delete: counting is a scan
         if readonly:
             self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
         else:
@@ -382,6 +383,7 @@ class RunStore:
                 db.executemany("UPDATE clients SET rounds_done = rounds_done + 1 WHERE client_id = ?",
                                [(cid,) for cid in participants])
                 db.execute("DELETE FROM accepted_updates WHERE round <= ?", (round,))
+                self._rows = None
         finally:
             self._remove_unreferenced_states()
         self.remove_orphan_payloads(up_to_round=round)
@@ -480,12 +482,15 @@ class RunStore:
         )
         assert payload.sha256, "a payload is committed only once synced"
         try:  # a failed insert rolls back itself alone, not the other updates waiting for their commit
-            seq = self.db.execute("SELECT COUNT(*) FROM accepted_updates").fetchone()[0]  # all of the open round's
+            if self._rows is None:
+                self._rows = self.db.execute("SELECT COUNT(*) FROM accepted_updates").fetchone()[0]
+            seq = self._rows  # the rows are all of the open round's
             self.db.execute(
                 "INSERT INTO accepted_updates (round, client_id, seq, header, wire_bytes, payload, payload_bytes, "
                 "sha256, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (update.round, update.client_id, seq, header.SerializeToString(), wire_bytes, payload.name,
                  payload.size, payload.sha256, payload.data if isinstance(payload, InlinePayload) else None))
+            self._rows += 1
         except BaseException:
             self.discard_payload(payload)
             raise
@@ -568,6 +573,7 @@ class RunStore:
         """Forget a stored update that can no longer be used (its file damaged, or the strategy now refuses
         it), so that its client's next upload for the round can be committed in its place."""
         with self.transaction() as db:
+            self._rows = None
             db.execute("DELETE FROM accepted_updates WHERE round = ? AND client_id = ?",
                        (stored.round, stored.client_id))
         if stored.payload:

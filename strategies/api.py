@@ -112,7 +112,9 @@ class TensorSpec(BaseModel):
 
     @classmethod
     def like(cls, tensor: torch.Tensor) -> TensorSpec:
-        return cls(shape=tuple(tensor.shape), dtype=tensor.dtype)
+        """A real tensor's shape and dtype are valid by construction: built without validation, which
+        costs ~10x more, and a server builds these per client and tensor (replies, checks)."""
+        return cls.model_construct(shape=tuple(tensor.shape), dtype=tensor.dtype)
 
 
 class ReplyValues(StrEnum):
@@ -168,7 +170,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
     """No NaN or Inf. numpy's check is ~17x faster than torch's on CPU (11 GB/s against 0.7), which
     matters when every upload is checked before it is acknowledged; bfloat16 has no numpy type."""
     if tensor.device.type == "cpu" and tensor.dtype in (torch.float16, torch.float32, torch.float64):
-        return bool(np.isfinite(tensor.detach().numpy()).all())
+        return bool(np.isfinite((tensor.detach() if tensor.requires_grad else tensor).numpy()).all())
     return bool(torch.isfinite(tensor).all())
 
 
@@ -184,7 +186,7 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Tenso
         tensor = tensors[name]
         if tensor.dtype != spec.dtype:
             raise InvalidUpdate(f"{origin}: tensor {name!r} has dtype {tensor.dtype}, expected {spec.dtype}")
-        shape_ok = len(tensor.shape) == len(spec.shape) and all(
+        shape_ok = tensor.shape == spec.shape or len(tensor.shape) == len(spec.shape) and all(
             want is None or want == got for want, got in zip(spec.shape, tensor.shape, strict=False)
         )
         if not shape_ok:
