@@ -321,23 +321,23 @@ def payload_tensors(what: str, specs: Iterable[pb.Tensor], data: torch.Tensor) -
     """The tensors a payload's bytes `data` (1-D uint8, e.g. a mapped payload file) hold back to back in
     header order: views of `data` where a tensor's offset suits its dtype, else copies. A size that
     does not add up is DATA_LOSS; bool bytes other than 0/1 are INVALID_ARGUMENT, as on the wire."""
-    specs = list(specs)
-    sizes = [math.prod(spec.shape) * DTYPES[spec.dtype].itemsize for spec in specs]
-    if sum(sizes) != data.numel():
+    layout = [(spec.name, DTYPES[spec.dtype], shape := tuple(spec.shape), math.prod(shape)) for spec in specs]
+    total = sum(dtype.itemsize * numel for _, dtype, _, numel in layout)
+    if total != data.numel():
         raise PayloadError(grpc.StatusCode.DATA_LOSS,
-                           f"{what}: {data.numel()} payload bytes, but the header's tensors take {sum(sizes)}")
+                           f"{what}: {data.numel()} payload bytes, but the header's tensors take {total}")
     tensors: TensorMap = {}
     raw = data.numpy()  # numpy slices and views cost ~1 µs, torch's ~5: a light update has dozens of tensors
     offset = 0
-    for spec, size in zip(specs, sizes, strict=True):
-        dtype = DTYPES[spec.dtype]
+    for name, dtype, shape, numel in layout:
+        size = dtype.itemsize * numel
         piece = raw[offset : offset + size]
         if offset % dtype.itemsize:
             piece = piece.copy()  # torch views a dtype only at an offset that is a multiple of its size
         if dtype in NUMPY_DTYPES:
-            tensors[spec.name] = torch.from_numpy(piece.view(NUMPY_DTYPES[dtype]).reshape(tuple(spec.shape)))
+            tensors[name] = torch.from_numpy(piece.view(NUMPY_DTYPES[dtype]).reshape(shape))
         else:
-            tensors[spec.name] = torch.from_numpy(piece).view(dtype).reshape(tuple(spec.shape))
+            tensors[name] = torch.from_numpy(piece).view(dtype).reshape(shape)
         offset += size
     _check_bools(what, tensors)
     return tensors

@@ -10,6 +10,7 @@ update that goes on the wire. How messages travel (in-process in `fedsim`, gRPC 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
@@ -112,9 +113,14 @@ class TensorSpec(BaseModel):
 
     @classmethod
     def like(cls, tensor: torch.Tensor) -> TensorSpec:
-        """A real tensor's shape and dtype are valid by construction: built without validation, which
-        costs ~10x more, and a server builds these per client and tensor (replies, checks)."""
-        return cls.model_construct(shape=tuple(tensor.shape), dtype=tensor.dtype)
+        """A server asks for these per client and tensor (each reply contract, each check), so a spec is
+        made once per shape and dtype and shared (it is frozen)."""
+        return _spec_for(cls, tuple(tensor.shape), tensor.dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _spec_for(cls: type[TensorSpec], shape: tuple[int, ...], dtype: torch.dtype) -> TensorSpec:
+    return cls(shape=shape, dtype=dtype)
 
 
 class ReplyValues(StrEnum):
