@@ -595,7 +595,7 @@ class Coordinator:
             session.open_pulls -= 1
             self.touch(client_id)
 
-    async def instruction_sent(self, client_id: str, instruction: Instruction, wire_bytes: int) -> None:
+    def instruction_sent(self, client_id: str, instruction: Instruction, wire_bytes: int) -> None:
         """Count a delivered instruction's bytes in its round, if that round is still open (at the next
         flush, at the latest when the round finishes)."""
         self.touch(client_id, "training")

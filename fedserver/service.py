@@ -335,7 +335,7 @@ class FederationService:
         for encoded in self._instructions.messages(answer.instruction):
             wire_bytes += len(encoded)
             yield encoded
-        await self.coordinator.instruction_sent(client_id, answer.instruction, wire_bytes)
+        self.coordinator.instruction_sent(client_id, answer.instruction, wire_bytes)
 
     @_unary
     async def push_update(self, request_iterator, context) -> pb.PushReply:

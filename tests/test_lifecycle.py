@@ -301,7 +301,7 @@ def test_a_resumed_round_keeps_the_updates_and_bytes_it_had(tmp_path: Path):
         await until(lambda: coordinator.current_round == 1, "round 1")
         told = await coordinator.pull("a", 0.0)
         assert told.instruction is not None
-        await coordinator.instruction_sent("a", told.instruction, 123)
+        coordinator.instruction_sent("a", told.instruction, 123)
         await coordinator.submit("a", update("a", 1, 2.0, 3), 50)
         await stop(run)  # the server dies mid-round
         coordinator.store.close()

@@ -29,9 +29,11 @@ from fedtune.fedserver.store import INLINE_PAYLOAD_BYTES, PAYLOAD_DIR, STATE_DIR
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos.payload import header_tensor, tensor_bytes
 from fedtune.strategies.api import ClientUpdate
+from fedtune.strategies.mapped import CAN_RELEASE
 from tests.test_lifecycle import scenario, server_config, started, stop, until, update
 from tests.test_transport import (
     ENV,
+    MiB,
     Server,
     _started,
     free_port,
@@ -39,6 +41,7 @@ from tests.test_transport import (
     init_run,
     pull_instruction,
     run_config,
+    start_server,
     toml,
     write_partitions,
 )
@@ -404,3 +407,48 @@ def test_the_strategy_state_is_a_file_of_its_own_checked_by_its_digest(tmp_path:
     with pytest.raises(CorruptPayload, match=rf"strategy state file .*{state_file.name} \(after round 2\): its "
                                              r"SHA-256 is [0-9a-f]{64}, the committed state's was"):
         store.latest_state()
+
+
+def resident_payload_bytes(pid: int, run_dir: Path) -> int:
+    """The server's resident memory mapped from the run's payload files (its /proc smaps)."""
+    total, mapped = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
+            mapped = len(fields) >= 6 and str(run_dir / PAYLOAD_DIR) in fields[5]
+        elif mapped and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not CAN_RELEASE, reason="pages are given back with Linux's MADV_PAGEOUT")
+def test_accepted_updates_do_not_stay_resident_while_the_round_waits_and_still_aggregate(tmp_path: Path):
+    """A round of large updates: each one's pages leave the server's memory once it is checked and
+    stored, and aggregation reads them back from the files, bit for bit."""
+    config = run_config("fedavg_lora", rounds=1, options={"rank": 1928})  # 2176 floats per rank: 16 MiB
+    tokens = init_run(tmp_path / "run", 2)
+    files = write_partitions(config, tmp_path)
+    server = start_server(tmp_path, config, {"min_clients": 2, "insecure": True})
+    clients = [in_process_client(server, tmp_path, f"client-00{i}", files[f"client-00{i}"], tokens[i]) for i in (0, 1)]
+    for client in clients:
+        client.register()
+    updates = []
+    for seed, client in enumerate(clients):
+        instruction = pull_instruction(client, 1)
+        generator = torch.Generator().manual_seed(seed)
+        updates.append(ClientUpdate(client_id=client.client_id, round=1, num_examples=1, tensors={
+            name: torch.randn(t.shape, generator=generator) for name, t in instruction.tensors.items()}))
+    payload = sum(t.nbytes for t in updates[0].tensors.values())
+    assert payload >= 16 * MiB
+    assert clients[0].push(updates[0])
+    assert len(payload_files(server.run_dir)) == 1  # stored, and the round waits for client-001
+    # Checking it read every page; they were given back before the OK.
+    assert resident_payload_bytes(server.process.pid, server.run_dir) < MiB
+    assert clients[1].push(updates[1])
+    assert all(client.run() == "all 1 rounds completed" for client in clients)
+    assert server.wait(120) == 0, server.output()[-3000:]
+    saved = server.global_model()
+    for name, tensor in saved.items():
+        mean = (updates[0].tensors[name].double() + updates[1].tensors[name].double()) / 2
+        assert torch.equal(tensor, mean.float()), name
