@@ -68,8 +68,8 @@ def _forget(start: int) -> None:
 def release(tensor: torch.Tensor) -> None:
     """Give back the resident pages that lie wholly inside `tensor`'s bytes, if it is over a mapping
     from `map_file`; what the tensor holds is unchanged."""
-    if _MADVISE is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
-        return
+    if _MADVISE is None or tensor.nbytes < PAGE or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return  # (a tensor under a page holds no whole page)
     address, nbytes = tensor.data_ptr(), tensor.nbytes
     with _lock:
         index = bisect.bisect_right(_starts, address) - 1
