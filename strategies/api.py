@@ -242,20 +242,44 @@ class TrainsLocally(Protocol):
     def use_local_trainer(self, trainer: LocalTrainer) -> None: ...
 
 
+MEAN_BLOCK_BYTES = 8 << 20
+"""The float64 rows `weighted_mean` forms and sums per numpy call: enough for a thousand small
+updates in one call, and a bound on its memory for large ones."""
+
+
 def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Weighted mean accumulated in float64 in the given order, returned in the inputs' dtype.
 
     Summing in a canonical order makes the result independent of arrival order; float64 makes
-    the mean of identical tensors exactly that tensor.
+    the mean of identical tensors exactly that tensor. Each input's product with its weight is
+    added left to right from zero (`np.add.accumulate`, never numpy's pairwise sum), a block of
+    inputs per call: the bits of a loop over the inputs, without three torch calls per input,
+    which cost a round of 1,000 light clients (28 small tensors each) 0.3 s.
     """
     total = float(sum(weights))
     if not tensors or total <= 0:
         raise ValueError("weighted_mean needs at least one tensor and a positive total weight")
-    accumulator = torch.zeros(tensors[0].shape, dtype=torch.float64)
-    for tensor, weight in zip(tensors, weights, strict=False):
-        accumulator += tensor.to(torch.float64) * (weight / total)
-        release(tensor)  # a mapped update's pages (on the server) are not needed again
-    return accumulator.to(tensors[0].dtype)
+    first = tensors[0]
+    block = max(1, MEAN_BLOCK_BYTES // (8 * max(first.numel(), 1)))
+    scales = np.asarray(weights, dtype=np.float64) / total
+    rows = np.zeros((min(block, len(tensors)) + 1, *first.shape), dtype=np.float64)  # row 0: the sum so far
+    for start in range(0, len(tensors), block):
+        inputs = tensors[start : start + block]
+        part = rows[: len(inputs) + 1]
+        np.stack([_numpy_view(tensor) for tensor in inputs], out=part[1:])
+        part[1:] *= scales[start : start + len(inputs)].reshape((-1,) + (1,) * first.dim())
+        np.add.accumulate(part, axis=0, out=part)
+        rows[0] = part[-1]
+        for tensor in inputs:
+            release(tensor)  # a mapped update's pages (on the server) are not needed again
+    return torch.from_numpy(np.array(rows[0])).to(first.dtype)
+
+
+def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's values for numpy; bfloat16, which numpy lacks, widened to float32 (exactly)."""
+    if tensor.requires_grad:
+        tensor = tensor.detach()  # not always: detach() costs as much as numpy() itself
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
 class ServerStrategy(ABC, Generic[C, W]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict
 from transformers import BertConfig, BertForSequenceClassification
@@ -12,6 +13,7 @@ from fedtune.fedserver.engine import RoundEngine
 from fedtune.fedserver.metrics import MetricsLog
 from fedtune.protos.convert import payload_size, update_to_proto
 from fedtune.simulations.runner import build_federation, run_round, run_simulation
+from fedtune.strategies import api
 from fedtune.strategies.api import ClientUpdate, RunContext, hash_seed, weighted_mean
 from fedtune.strategies.fedavg_lora import FedAvgLoraConfig, FedAvgLoraServer
 from fedtune.strategies.ffa_lora import FfaLoraConfig, FfaLoraServer
@@ -74,6 +76,38 @@ def test_weighted_mean_hand_computed_and_order_invariant():
         random.shuffle(shuffled)
         server.aggregate(1, shuffled)
         assert torch.equal(server.global_tensors["w"], first)
+
+
+def _mean_by_loop(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """The definition weighted_mean keeps: each product added to a float64 sum, left to right from zero."""
+    total = float(sum(weights))
+    accumulator = torch.zeros(tensors[0].shape, dtype=torch.float64)
+    for tensor, weight in zip(tensors, weights, strict=True):
+        accumulator += tensor.to(torch.float64) * (weight / total)
+    return accumulator.to(tensors[0].dtype)
+
+
+@pytest.mark.parametrize("block_bytes", [8 << 20, 24])  # one numpy call per mean, and three inputs per call
+def test_weighted_mean_is_the_left_to_right_float64_sum_bit_for_bit(monkeypatch, block_bytes):
+    """Numpy's pairwise summation would differ in the last bits for single-element tensors (shape (1,))
+    and for large magnitudes that cancel; -0.0 inputs give +0.0 as the loop does."""
+    monkeypatch.setattr(api, "MEAN_BLOCK_BYTES", block_bytes)
+    generator = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for shape in ((), (1,), (3, 4)):
+            count = 101
+            scales = 10.0 ** torch.randint(-4, 12, (count,), generator=generator)
+            tensors = [(torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+                       for scale in scales]
+            weights = [float(w) for w in torch.randint(1, 50, (count,), generator=generator)]
+            mean = weighted_mean(tensors, weights)
+            expected = _mean_by_loop(tensors, weights)
+            assert mean.dtype == dtype and mean.shape == shape
+            assert torch.equal(mean.view(-1).view(torch.uint8), expected.view(-1).view(torch.uint8)), (dtype, shape)
+    zeros = weighted_mean([torch.tensor([-0.0])] * 3, [1, 2, 3])
+    assert not zeros.signbit().item()
+    cancelling = [torch.tensor([1e16], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)] * 3
+    assert torch.equal(weighted_mean(cancelling, [1] * 6), _mean_by_loop(cancelling, [1] * 6))
 
 
 def test_discordance_identity():
