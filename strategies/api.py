@@ -172,22 +172,38 @@ class ClientUpdate(Message):
     metrics: dict[str, float] = Field(default_factory=dict, description="e.g. train_loss.")
 
 
+NUMPY_FLOATS = frozenset({torch.float16, torch.float32, torch.float64})
+BATCHED_FINITE_ELEMENTS = 1 << 16
+"""Float tensors up to this size are checked for NaN/Inf together, in one numpy call per update."""
+
+
+def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's values for numpy; bfloat16, which numpy lacks, widened to float32 (exactly)."""
+    if tensor.requires_grad:
+        tensor = tensor.detach()  # not always: detach() costs as much as numpy() itself
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
     """No NaN or Inf. numpy's check is ~17x faster than torch's on CPU (11 GB/s against 0.7), which
     matters when every upload is checked before it is acknowledged; bfloat16 has no numpy type."""
-    if tensor.device.type == "cpu" and tensor.dtype in (torch.float16, torch.float32, torch.float64):
-        return bool(np.isfinite((tensor.detach() if tensor.requires_grad else tensor).numpy()).all())
+    if tensor.is_cpu and tensor.dtype in NUMPY_FLOATS:
+        return bool(np.isfinite(_numpy_view(tensor)).all())
     return bool(torch.isfinite(tensor).all())
 
 
 def check_tensors(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, TensorSpec], origin: str) -> None:
-    """Reject missing, unexpected, mis-shaped, mis-typed or non-finite tensors, naming the tensor."""
+    """Reject missing, unexpected, mis-shaped, mis-typed or non-finite tensors, naming the tensor.
+
+    Small float tensors are checked for NaN/Inf together (one call instead of one each: a light update
+    has dozens of tensors), after every tensor's dtype and shape."""
     missing = sorted(set(specs) - set(tensors))
     if missing:
         raise InvalidUpdate(f"{origin}: missing tensor(s) {missing}")
     unexpected = sorted(set(tensors) - set(specs))
     if unexpected:
         raise InvalidUpdate(f"{origin}: unexpected tensor(s) {unexpected}")
+    small: list[np.ndarray] = []
     for name, spec in specs.items():
         tensor = tensors[name]
         if tensor.dtype != spec.dtype:
@@ -199,8 +215,15 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Tenso
             raise InvalidUpdate(
                 f"{origin}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {spec.shape}"
             )
-        if tensor.is_floating_point() and not all_finite(tensor):
+        if not tensor.is_floating_point():
+            continue
+        if tensor.is_cpu and tensor.dtype in NUMPY_FLOATS and tensor.numel() <= BATCHED_FINITE_ELEMENTS:
+            small.append(_numpy_view(tensor).reshape(-1))
+        elif not all_finite(tensor):
             raise InvalidUpdate(f"{origin}: tensor {name!r} holds NaN or Inf")
+    if small and not np.isfinite(np.concatenate(small)).all():  # widening to the widest dtype keeps NaN and Inf
+        name = next(name for name, tensor in tensors.items() if tensor.is_floating_point() and not all_finite(tensor))
+        raise InvalidUpdate(f"{origin}: tensor {name!r} holds NaN or Inf")
 
 
 class Workspace(Protocol):
@@ -273,13 +296,6 @@ def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> 
         for tensor in inputs:
             release(tensor)  # a mapped update's pages (on the server) are not needed again
     return torch.from_numpy(np.array(rows[0])).to(first.dtype)
-
-
-def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
-    """The tensor's values for numpy; bfloat16, which numpy lacks, widened to float32 (exactly)."""
-    if tensor.requires_grad:
-        tensor = tensor.detach()  # not always: detach() costs as much as numpy() itself
-    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
 class ServerStrategy(ABC, Generic[C, W]):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from fedtune.simulations.runner import Federation, build_federation
+from fedtune.strategies import api
 from fedtune.strategies.api import (
     ClientStrategy,
     ClientUpdate,
@@ -250,6 +251,19 @@ def test_check_tensors_finds_nan_and_inf_in_every_float_dtype(dtype, bad):
     else:
         with pytest.raises(InvalidUpdate, match="update: tensor 'w' holds NaN or Inf"):
             check_tensors({"w": tensor}, specs, "update")
+
+
+@pytest.mark.parametrize("bad_name", ["a", "c", "big"])
+def test_check_tensors_names_the_tensor_with_nan_among_many_of_mixed_dtypes_and_sizes(monkeypatch, bad_name):
+    """Small tensors are checked together and a large one alone; either way the error names the one."""
+    monkeypatch.setattr(api, "BATCHED_FINITE_ELEMENTS", 100)
+    dtypes = {"a": torch.float16, "b": torch.float64, "c": torch.float32, "big": torch.float32, "n": torch.int64}
+    tensors = {name: torch.zeros(200 if name == "big" else 6, dtype=dtype) for name, dtype in dtypes.items()}
+    specs = {name: TensorSpec.like(tensor) for name, tensor in tensors.items()}
+    check_tensors(tensors, specs, "update")
+    tensors[bad_name][-1] = math.inf if bad_name == "a" else math.nan
+    with pytest.raises(InvalidUpdate, match=f"update: tensor '{bad_name}' holds NaN or Inf"):
+        check_tensors(tensors, specs, "update")
 
 
 # --- strategies that cannot take a wrapper ------------------------------------------------------------
