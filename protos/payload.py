@@ -225,22 +225,23 @@ class PayloadReader:
         total = 0
         seen: set[str] = set()
         for tensor in tensors:
-            _check_name(tensor.name, f"{self.what}.tensors", limits)
-            where = f"{self.what}.tensors[{echo(tensor.name)}]"
-            if tensor.name in seen:
-                raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: name appears twice")
+            name = tensor.name
+            _check_name(name, f"{self.what}.tensors", limits)
+            if name in seen:
+                raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT, f"{self._where(name)}: name appears twice")
             if tensor.data:
-                raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"{where}.data: must be empty in a stream header (bytes follow as chunks)")
-            if tensor.dtype not in DTYPES:
-                raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"{where}.dtype: unknown dtype {echo(tensor.dtype)}; known: {sorted(DTYPES)}")
-            total += self._checked_size(where, list(tensor.shape), DTYPES[tensor.dtype].itemsize)
+                raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT, f"{self._where(name)}.data: must be empty in a "
+                                   "stream header (bytes follow as chunks)")
+            dtype = DTYPES.get(tensor.dtype)
+            if dtype is None:
+                raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT, f"{self._where(name)}.dtype: unknown dtype "
+                                   f"{echo(tensor.dtype)}; known: {sorted(DTYPES)}")
+            total += self._checked_size(name, tensor.shape, dtype.itemsize)
             if total > self.max_payload_bytes:
                 raise PayloadError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"{where}: payload of at least {total} bytes is over the limit "
+                                   f"{self._where(name)}: payload of at least {total} bytes is over the limit "
                                    f"max_update_bytes={self.max_payload_bytes}")
-            seen.add(tensor.name)
+            seen.add(name)
         if self._open_sink is not None:
             self.sink = self._open_sink(header, total)
         else:
@@ -253,7 +254,11 @@ class PayloadReader:
         self._slot = 0
         self._offset = 0
 
-    def _checked_size(self, where: str, shape: list[int], itemsize: int) -> int:
+    def _where(self, name: str) -> str:
+        """The header field an error is about; built only for an error (a header has dozens of tensors)."""
+        return f"{self.what}.tensors[{echo(name)}]"
+
+    def _checked_size(self, name: str, shape: Sequence[int], itemsize: int) -> int:
         """The tensor's byte size, bounded by the payload limit before anything is allocated.
 
         The product of the nonzero dimensions is bounded too, since torch multiplies them in int64
@@ -264,11 +269,12 @@ class PayloadReader:
         for dim in shape:
             if dim < 0:
                 raise PayloadError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"{where}.shape: negative dimension in {echo(shape)}")
+                                   f"{self._where(name)}.shape: negative dimension in {echo(list(shape))}")
             span *= dim or 1
             if span > self.max_payload_bytes:
                 raise PayloadError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"{where}.shape: {echo(shape)} of {itemsize}-byte elements: at least {span} bytes "
+                                   f"{self._where(name)}.shape: {echo(list(shape))} of {itemsize}-byte elements: at "
+                                   f"least {span} bytes "
                                    f"is over the limit max_update_bytes={self.max_payload_bytes}")
         return 0 if 0 in shape else span
 
