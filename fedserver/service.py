@@ -123,6 +123,12 @@ def _update_message_sized() -> Callable[[bytes], tuple[Any, int]]:
     return lambda raw: (parse(raw), len(raw))
 
 
+def stored_header(header: pb.ClientUpdate) -> bytes:
+    """The update's header as the store keeps it: as received, less fields this server does not know."""
+    header.DiscardUnknownFields()
+    return header.SerializeToString()
+
+
 def _parsed(request: Any) -> Any:
     if isinstance(request, Malformed):
         raise request.refusal()
@@ -343,7 +349,8 @@ class FederationService:
         store = self.coordinator.store
         with self._upload_slot(client_id):
             reader = PayloadReader("ClientUpdate", self.limits, self.limits.max_update_bytes,
-                                   sink=lambda header, size: store.new_payload(header.round, client_id, size))
+                                   sink=lambda header, size: store.new_payload(header.round, client_id, size,
+                                                                               stored_header(header)))
             try:
                 return await self._receive_update(client_id, aiter(request_iterator), reader)
             finally:

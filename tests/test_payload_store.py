@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from fedtune.fedserver.coordinator import PollKind
+from fedtune.fedserver.service import stored_header
 from fedtune.fedserver.store import INLINE_PAYLOAD_BYTES, PAYLOAD_DIR, STATE_DIR, CorruptPayload, RunStore
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos.payload import header_tensor, tensor_bytes
@@ -106,6 +107,25 @@ def test_a_light_update_is_committed_inside_its_row_and_comes_back_bit_identical
     db = sqlite3.connect(tmp_path / "state.sqlite")  # another connection: committed
     assert db.execute("SELECT data, sha256 FROM accepted_updates").fetchall() == [
         (wire, hashlib.sha256(wire).hexdigest())]
+
+
+def test_a_received_update_is_stored_with_its_header_as_received_less_unknown_fields(tmp_path: Path):
+    sent = light_update("a", 1)
+    canonical = pb.ClientUpdate(client_id="a", round=1, num_examples=2, metrics={"train_loss": 0.5},
+                                tensors=[header_tensor(name, tensor) for name, tensor in sent.tensors.items()])
+    received = pb.ClientUpdate.FromString(canonical.SerializeToString() + b"\xb8\x3e\x01")  # field 999: unknown
+    assert received.SerializeToString() != canonical.SerializeToString()
+    store = RunStore(tmp_path / "state.sqlite")
+    wire = b"".join(bytes(tensor_bytes(tensor)) for tensor in sent.tensors.values())
+    payload = store.new_payload(1, "a", len(wire), stored_header(received))
+    payload.write(wire)
+    payload.sync(hashlib.sha256(wire).digest())
+    store.save_update(sent, wire_bytes=7, payload=payload)
+    db = sqlite3.connect(tmp_path / "state.sqlite")
+    assert db.execute("SELECT header FROM accepted_updates").fetchall() == [(canonical.SerializeToString(),)]
+    [(back, _)] = store.load_updates(1)
+    assert (back.client_id, back.num_examples, back.metrics) == ("a", 2, {"train_loss": 0.5})
+    assert all(torch.equal(back.tensors[name], tensor) for name, tensor in sent.tensors.items())
 
 
 # The store's layout before payload files (strategy state and update tensors as SQLite blobs), as an earlier
