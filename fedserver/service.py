@@ -125,7 +125,7 @@ def _update_message_sized() -> Callable[[bytes], tuple[Any, int]]:
 
 def stored_header(header: pb.ClientUpdate) -> bytes:
     """The update's header as the store keeps it: as received, less fields this server does not know."""
-    header.DiscardUnknownFields()
+    header.DiscardUnknownFields()  # type: ignore[attr-defined]  # (missing from types-protobuf's stubs)
     return header.SerializeToString()
 
 
