@@ -124,7 +124,8 @@ def _update_message_sized() -> Callable[[bytes], tuple[Any, int]]:
 
 
 def stored_header(header: pb.ClientUpdate) -> bytes:
-    """The update's header as the store keeps it: as received, less fields this server does not know."""
+    """The update's header as the store keeps it: as received, less fields this server does not know
+    (dropped from `header` itself)."""
     header.DiscardUnknownFields()  # type: ignore[attr-defined]  # (missing from types-protobuf's stubs)
     return header.SerializeToString()
 

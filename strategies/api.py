@@ -184,10 +184,14 @@ def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
     return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
+def _numpy_checkable(tensor: torch.Tensor) -> bool:
+    return tensor.is_cpu and tensor.dtype in NUMPY_FLOATS
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
     """No NaN or Inf. numpy's check is ~17x faster than torch's on CPU (11 GB/s against 0.7), which
     matters when every upload is checked before it is acknowledged; bfloat16 has no numpy type."""
-    if tensor.is_cpu and tensor.dtype in NUMPY_FLOATS:
+    if _numpy_checkable(tensor):
         return bool(np.isfinite(_numpy_view(tensor)).all())
     return bool(torch.isfinite(tensor).all())
 
@@ -203,7 +207,7 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Tenso
     unexpected = sorted(set(tensors) - set(specs))
     if unexpected:
         raise InvalidUpdate(f"{origin}: unexpected tensor(s) {unexpected}")
-    small: list[np.ndarray] = []
+    small: list[tuple[str, np.ndarray]] = []  # (name, its values, flat)
     for name, spec in specs.items():
         tensor = tensors[name]
         if tensor.dtype != spec.dtype:
@@ -217,12 +221,13 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Tenso
             )
         if not tensor.is_floating_point():
             continue
-        if tensor.is_cpu and tensor.dtype in NUMPY_FLOATS and tensor.numel() <= BATCHED_FINITE_ELEMENTS:
-            small.append(_numpy_view(tensor).reshape(-1))
+        if _numpy_checkable(tensor) and tensor.numel() <= BATCHED_FINITE_ELEMENTS:
+            small.append((name, _numpy_view(tensor).reshape(-1)))
         elif not all_finite(tensor):
             raise InvalidUpdate(f"{origin}: tensor {name!r} holds NaN or Inf")
-    if small and not np.isfinite(np.concatenate(small)).all():  # widening to the widest dtype keeps NaN and Inf
-        name = next(name for name, tensor in tensors.items() if tensor.is_floating_point() and not all_finite(tensor))
+    # widening to the widest dtype keeps NaN and Inf; only then is each one looked at, to name it
+    if small and not np.isfinite(np.concatenate([values for _, values in small])).all():
+        name = next(name for name, values in small if not np.isfinite(values).all())
         raise InvalidUpdate(f"{origin}: tensor {name!r} holds NaN or Inf")
 
 
